@@ -9,7 +9,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def shared_root() -> pathlib.Path:
-    """Return the shared folder, beside the repository unless FASHION_MSA_SHARED is set."""
+    """Return the shared folder: FASHION_MSA_SHARED, else beside the repository."""
     override = os.environ.get("FASHION_MSA_SHARED")
     return pathlib.Path(override) if override else REPO_ROOT.parent / "shared"
 
