@@ -1,11 +1,12 @@
 """CLIP image preprocessing in numpy and PIL: decoding, RGB conversion, resize, crop.
 
 `preprocess_image` gives the same float32 pixels as transformers'
-`CLIPImageProcessor` with its defaults (the PIL backend, `CLIPImageProcessorPil`
-in transformers 5): the shortest side is resized to `image_size` with PIL's
-bicubic filter, the centre `image_size` square is cropped, values are scaled
-by 1/255 and normalised with the OpenAI CLIP mean and standard deviation. The
-output is NHWC, the JAX convention, where transformers returns NCHW.
+`CLIPImageProcessor` with its defaults, whose PIL backend is
+`CLIPImageProcessorPil` in transformers 5. The shortest side is resized to
+`image_size` with PIL's bicubic filter and the centre `image_size` square is
+cropped. Values are scaled by 1/255 and normalised with the OpenAI CLIP mean
+and standard deviation. The output is NHWC, the JAX convention, where
+transformers returns NCHW.
 
 `decode_image` turns encoded bytes into an RGB PIL image, or raises
 `ImageDecodeError`. It never returns a placeholder image.
@@ -98,7 +99,7 @@ def decode_image(
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError(
             f"{image.format} image of {width}x{height} = {width * height} pixels "
-            f"exceeds max_pixels={max_pixels}; raise max_pixels if the image is "
+            f"exceeds max_pixels={max_pixels}. Raise max_pixels if the image is "
             f"trusted"
         )
 
@@ -114,7 +115,7 @@ def decode_image(
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert a PIL image of any mode to RGB, as CLIPImageProcessor's RGB step does.
+    """Convert a PIL image of any mode to RGB.
 
     - Transparency (an "A" band, as in LA, PA and RGBA, or a `transparency`
       entry for P, L and RGB images) is composited onto white. This is what
@@ -180,7 +181,7 @@ def preprocess_image(
         raise ImageDecodeError(
             f"image of {image.width}x{image.height} resizes to "
             f"{resized_width}x{resized_height} pixels before the crop, more than "
-            f"max_pixels={max_pixels}; its aspect ratio is too extreme"
+            f"max_pixels={max_pixels}, because its aspect ratio is extreme"
         )
     resized = image.resize(
         (resized_width, resized_height), resample=Image.Resampling.BICUBIC

@@ -144,11 +144,10 @@ def load_tokenizer(
         has_vocab = (tokenizer_dir / "vocab.json").is_file()
         has_merges = (tokenizer_dir / "merges.txt").is_file()
         if not has_json and has_vocab != has_merges:
-            missing = "merges.txt" if has_vocab else "vocab.json"
+            present, missing = ("vocab.json", "merges.txt")[:: 1 if has_vocab else -1]
             raise FileNotFoundError(
-                f"{tokenizer_dir} has only one of vocab.json and merges.txt; "
-                f"{missing} is missing. Add it, or remove both to use OpenAI's "
-                f"CLIP vocabulary."
+                f"{tokenizer_dir} has {present} but {missing} is missing. Add "
+                f"{missing}, or remove {present} to use OpenAI's CLIP vocabulary."
             )
         if not (has_json or has_vocab):
             logging.info(
@@ -202,8 +201,8 @@ def trim_padding(
             f"buckets must be positive and strictly increasing, got {buckets}"
         )
 
-    # Trimming from the right is only correct for right padding: each row
-    # must be a run of ones followed by zeros.
+    # Trimming from the right is only correct for right padding, where each
+    # row is a run of ones followed by zeros.
     lengths = attention_mask.sum(axis=1)
     positions = np.arange(attention_mask.shape[1])
     if not np.array_equal(attention_mask != 0, positions < lengths[:, None]):
@@ -269,7 +268,7 @@ def build_vocab_files(
     """
     bpe_path = pathlib.Path(bpe_path) if bpe_path is not None else find_bpe_file()
     with gzip.open(bpe_path, "rt", encoding="utf-8") as bpe_file:
-        # Line 0 is a version header; merges start on line 1.
+        # Line 0 is a version header, so the merges start on line 1.
         lines = bpe_file.read().split("\n")
     merges = lines[1 : 1 + NUM_MERGES]
     malformed = [merge for merge in merges if len(merge.split(" ")) != 2]
@@ -330,9 +329,9 @@ def cached_vocab_dir(bpe_path: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def _byte_alphabet() -> list[str]:
-    """Return the character that stands for each byte, in OpenAI's vocabulary order.
+    """Return the character that represents each byte, in OpenAI's vocabulary order.
 
-    Printable Latin-1 bytes stand for themselves and come first. The other 68
+    Printable Latin-1 bytes represent themselves and come first. The other 68
     bytes (controls, space, soft hyphen) map to the characters from U+0100 on,
     in byte order.
     """
