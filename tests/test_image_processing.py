@@ -229,7 +229,7 @@ def test_exif_orientation_applied(orientation, transpose):
     exif[0x0112] = orientation
     rotated_data = encode(stored, "JPEG", exif=exif.tobytes())
     upright_data = encode(stored, "JPEG")
-    # The same JPEG data without the tag, turned by hand as the tag asks.
+    # The same JPEG data without the tag, turned by hand as the tag requires.
     turned = Image.open(io.BytesIO(upright_data)).convert("RGB").transpose(transpose)
 
     decoded = image_processing.decode_image(rotated_data)
@@ -308,7 +308,7 @@ def test_max_pixels_limit():
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decompression_bomb_header_raises():
     # 12000 x 12000 is over the default max_pixels but under twice Pillow's
-    # limit, so the first check is ours; 50000 x 50000 trips Pillow's own.
+    # limit, so our check raises first. 50000 x 50000 trips Pillow's own check.
     with pytest.raises(image_processing.ImageDecodeError, match="max_pixels="):
         image_processing.decode_image(png_header(12000, 12000))
     with pytest.raises(image_processing.ImageDecodeError, match="decompression-bomb"):

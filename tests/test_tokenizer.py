@@ -81,9 +81,9 @@ EXTRA_TEXTS = [
 def read_mvsa_texts(mvsa_dir: pathlib.Path) -> tuple[list[str], dict[str, int]]:
     """Read every MVSA tweet text, returning the texts and per-encoding counts.
 
-    Most files are UTF-8. The rest, which the dataset's README calls
-    Latin-1 / cp1252, all decode as GB18030, and 8 of them only as GB18030
-    (Japanese text). A file that decodes both ways gives both texts.
+    Most files are UTF-8. All the others decode as GB18030, and all but 8 of
+    them (Japanese text) also decode as cp1252. A file that decodes both ways
+    gives both texts, so the comparison covers either choice of decoder.
     """
     texts, counts = [], {"utf-8": 0, "gb18030": 0, "cp1252": 0}
     for path in sorted(mvsa_dir.glob("data/*.txt")):
