@@ -70,6 +70,7 @@ class ChatRequestRecord:
     response_format: str
     status: int  # 0 for a hung request, recorded before its late reply
     via_batch: bool = False
+    received_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 def _message_key(text: str) -> str:
@@ -167,10 +168,15 @@ class FakeOpenAIServer:
 
     # Inspection helpers for tests.
 
-    def requests_containing(self, text: str) -> int:
-        """Count chat requests whose user message contains `text`."""
+    def requests_for(self, text: str) -> list[ChatRequestRecord]:
+        """Return the chat requests whose user message contains `text`, in order."""
         with self._lock:
-            return sum(text in r.user_message for r in self.chat_requests)
+            return [r for r in self.chat_requests if text in r.user_message]
+
+    @property
+    def batches_created(self) -> int:
+        with self._lock:
+            return len(self._batches)
 
     def fault_counts(self) -> dict[str, int]:
         with self._lock:

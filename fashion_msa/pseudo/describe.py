@@ -107,7 +107,7 @@ class DescribeConfig:
 
 
 class FatalRequestError(RuntimeError):
-    """An error that every later request would hit too (a bad key or model)."""
+    """An error that every later request would hit too: no key, a bad key or model."""
 
 
 class _RequestFailed(Exception):
@@ -178,11 +178,19 @@ class ResponseFormatChooser:
 
 
 def _is_format_rejection(error: openai.APIStatusError) -> bool:
-    """Whether a 400 says the response_format is unsupported (OpenAI, vLLM, llama.cpp)."""
+    """Whether a 400 or 422 says the endpoint does not support the response_format."""
     if getattr(error, "param", None) == "response_format":
         return True
     message = str(error.message).lower()
     return any(word in message for word in ("response_format", "json_schema"))
+
+
+def _error_text(error: openai.APIStatusError) -> str:
+    """Return the server's own error message, without the client's prefix."""
+    body = error.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    return str(error.message)
 
 
 def _retry_after_s(error: openai.APIStatusError) -> float | None:
@@ -317,7 +325,7 @@ class _Describer:
         max_tokens: int,
         counts: _PostCounts,
     ) -> tuple[Any, str]:
-        """Send one chat request, retrying transient errors; return (completion, format)."""
+        """Send one request, retrying transient errors; return (completion, format)."""
         config = self.config
         attempt = 0
         while True:
@@ -346,29 +354,29 @@ class _Describer:
                     attempt -= 1  # A format probe is not a failed attempt.
                     continue
                 raise _RequestFailed(
-                    BAD_REQUEST, f"{error.status_code}: {error.message}"
+                    BAD_REQUEST, f"HTTP {error.status_code}: {_error_text(error)}"
                 ) from None
             except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
                 raise FatalRequestError(
-                    f"the endpoint rejected the API key ({error.status_code}): "
-                    f"{error.message}. Check OPENAI_API_KEY and --base_url."
+                    f"the endpoint rejected the API key (HTTP {error.status_code}: "
+                    f"{_error_text(error)}). Check OPENAI_API_KEY and --base_url."
                 ) from None
             except openai.NotFoundError as error:
                 raise FatalRequestError(
-                    f"the endpoint returned 404 for model {config.model!r}: "
-                    f"{error.message}. Check --model and --base_url."
+                    f"the endpoint returned 404 for model {config.model!r} "
+                    f"({_error_text(error)}). Check --model and --base_url."
                 ) from None
             except openai.APIStatusError as error:
                 status = error.status_code
                 if status < 500 and status not in _RETRY_STATUSES:
                     raise _RequestFailed(
-                        BAD_REQUEST, f"{status}: {error.message}"
+                        BAD_REQUEST, f"HTTP {status}: {_error_text(error)}"
                     ) from None
-                reason = RATE_LIMITED if status == 429 else SERVER_ERROR
+                reason = {429: RATE_LIMITED, 408: TIMEOUT}.get(status, SERVER_ERROR)
                 delay = self._backoff_s(attempt, _retry_after_s(error))
                 if status == 429:
                     self.limiter.pause(delay)
-                detail = f"HTTP {status}: {error.message}"
+                detail = f"HTTP {status}: {_error_text(error)}"
             except (TimeoutError, openai.APITimeoutError):
                 reason, delay = TIMEOUT, self._backoff_s(attempt, None)
                 detail = f"no complete reply within {config.request_timeout_s:g} s"
@@ -547,7 +555,7 @@ def failed_record(
 def make_client(config: DescribeConfig) -> openai.AsyncOpenAI:
     """Create the AsyncOpenAI client; the key comes from OPENAI_API_KEY only."""
     if not os.environ.get("OPENAI_API_KEY"):
-        raise ValueError(
+        raise FatalRequestError(
             "OPENAI_API_KEY is not set. Export it (any non-empty value for a local "
             "server that ignores keys)."
         )

@@ -23,7 +23,7 @@ _FENCE = re.compile(r"```[A-Za-z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
 
 
 class ReplyError(ValueError):
-    """A reply that holds no usable description; `reason` is one of the reasons above."""
+    """A reply without a usable description; `reason` is one of the reasons above."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -40,7 +40,7 @@ class PseudoDescription:
 
 
 def parse_reply(text: str | None) -> PseudoDescription:
-    """Parse and validate a reply; raise ReplyError(INVALID_REPLY) when it is unusable."""
+    """Parse and validate a reply; raise ReplyError(INVALID_REPLY) if it is unusable."""
     if not text or not text.strip():
         raise ReplyError(INVALID_REPLY, "empty reply")
     candidates = [match.group(1) for match in _FENCE.finditer(text)] + [text]
