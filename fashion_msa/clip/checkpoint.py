@@ -111,6 +111,7 @@ def load_pretrained(
     params = state_dict_to_params(config, state_dict, dtype=dtype, source=source)
     if scan_layers:
         params = stack_layer_params(params)
+    params = jax.device_put(params)
     logging.info(
         "Loaded CLIP from %s: %d tensors as %s.",
         source,
@@ -239,6 +240,9 @@ def state_dict_to_params(
 ) -> dict[str, Any]:
     """Convert PyTorch-layout tensors to the unrolled Flax parameter tree.
 
+    The leaves are numpy arrays of `dtype` (bfloat16 through ml_dtypes), so that
+    stacking for `scan_layers` happens before anything is copied to a device.
+
     Raises:
         CheckpointMismatchError: missing, unexpected or mis-shaped keys.
     """
@@ -255,7 +259,7 @@ def state_dict_to_params(
         node = params
         for name in path[:-1]:
             node = node.setdefault(name, {})
-        node[path[-1]] = jnp.asarray(array, dtype=dtype)
+        node[path[-1]] = np.asarray(array, dtype=np.dtype(dtype), order="C")
     return params
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from fashion_msa.clip.config import (
@@ -361,8 +362,7 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPVisionTransformer(nn.Module):
-    """The CLIP ViT: embeddings, pre-LayerNorm, encoder, post-LayerNorm on the class
-    token."""
+    """The CLIP ViT: patch embeddings, encoder, LayerNorm on the class token."""
 
     config: VisionConfig
     dtype: DTypeLike = jnp.float32
@@ -535,7 +535,7 @@ def stack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
         if "layers" in others:
             raise ValueError("Encoder has both stacked and unrolled layers.")
         layers = [indices[i] for i in range(len(indices))]
-        others["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+        others["layers"] = jax.tree.map(_stack, *layers)
         return others
 
     return _map_encoders(params, convert)
@@ -564,6 +564,13 @@ def unstack_layer_params(params: Mapping[str, Any]) -> dict[str, Any]:
         return others
 
     return _map_encoders(params, convert)
+
+
+def _stack(*arrays: Any) -> Any:
+    # numpy trees (a checkpoint being loaded) stay on the host.
+    if all(isinstance(array, np.ndarray) for array in arrays):
+        return np.stack(arrays)
+    return jnp.stack(arrays)
 
 
 def _map_encoders(
