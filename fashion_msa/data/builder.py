@@ -31,9 +31,11 @@ build removes its folder.
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -46,7 +48,7 @@ from absl import logging
 
 from fashion_msa.data import importers
 from fashion_msa.data.posts import LABELS, SPLITS, Post, Skip
-from fashion_msa.data.pseudo_join import PseudoIndex, load_pseudo
+from fashion_msa.data.pseudo_join import PseudoIndex, PseudoRecord, load_pseudo
 from fashion_msa.data.report import BuildReport
 from fashion_msa.data.validation import DEFAULT_MAX_PIXELS, BadImageError, read_image
 
@@ -69,31 +71,25 @@ class BuildError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _PseudoData:
-    description: str
-    attributes: str
-    image: bytes
+class _CheckedPost:
+    """A post whose image decoded, with the digests of the checked bytes."""
+
+    post: Post
+    image_digest: bytes
+    pseudo: PseudoRecord | Skip | None
+    pseudo_digest: bytes
 
 
-def _pseudo_features(pseudo: _PseudoData | None) -> dict[str, Any]:
-    """Return the pseudo features of a post.
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
-    Without pseudo data they are empty, and `has_pseudo` False tells the model
-    to mask them.
-    """
-    if pseudo is None:
-        return {
-            "pseudo": {"description": "", "attributes": "", "image": b""},
-            "has_pseudo": False,
-        }
-    return {
-        "pseudo": {
-            "description": pseudo.description,
-            "attributes": pseudo.attributes,
-            "image": pseudo.image,
-        },
-        "has_pseudo": True,
-    }
+
+def _read_unchanged(path: pathlib.Path, digest: bytes) -> bytes:
+    """Read a file checked earlier in this build; raise if it changed since."""
+    data = path.read_bytes()
+    if _digest(data) != digest:
+        raise RuntimeError(f"{path} changed while the dataset was being built")
+    return data
 
 
 def _bytes_feature(doc: str) -> tfds.features.Tensor:
@@ -120,6 +116,7 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
         source_options: dict[str, Any] | None = None,
         show_progress: bool = False,
         num_workers: int | None = None,
+        published_dir: str | pathlib.Path | None = None,
         **kwargs: Any,
     ):
         """Create the builder. Only building uses `input_dir` and the options below.
@@ -134,6 +131,8 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
           show_progress: show a tqdm progress bar per split.
           num_workers: threads that read and decode images; default: the CPU
             count, at most 8.
+          published_dir: the dataset folder named in the report, when the
+            build happens elsewhere and is moved there afterwards.
           **kwargs: `tfds.core.GeneratorBasedBuilder` arguments (config,
             data_dir, ...).
         """
@@ -144,13 +143,17 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
         self._source_options = dict(source_options or {})
         self._show_progress = show_progress
         self._num_workers = num_workers or min(8, os.cpu_count() or 1)
+        self._published_dir = published_dir
         self._pseudo: PseudoIndex | None = None
         self.report: BuildReport | None = None
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            description=__doc__.split("\n")[0],
+            description=(
+                "Fashion posts with text, image, attributes, pseudo data and a "
+                "sentiment label."
+            ),
             features=tfds.features.FeaturesDict(
                 {
                     "id": tfds.features.Text(doc="Post id, unique in the source."),
@@ -206,7 +209,10 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
             pseudo_dir = self._input_dir / "pseudo"
         self._pseudo = load_pseudo(pseudo_dir) if pseudo_dir is not None else None
 
-        final_dir = pathlib.Path(self.data_dir).parent / str(self.version)
+        # self.data_dir is the incomplete.* folder, renamed to VERSION at the end.
+        final_dir = self._published_dir or pathlib.Path(self.data_dir).parent / str(
+            self.version
+        )
         self.report = BuildReport(
             source=source,
             input_dir=str(self._input_dir),
@@ -227,100 +233,102 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
             self.report.pseudo_problems = list(self._pseudo.problems)
         self._fail_if_strict()
 
-        by_split: dict[str, list[Post]] = collections.defaultdict(list)
-        for post in result.posts:
-            by_split[post.split].append(post)
+        checked = self._check_images(result.posts)
+        self._fail_if_strict()
+        by_split: dict[str, list[_CheckedPost]] = collections.defaultdict(list)
+        for entry in checked:
+            by_split[entry.post.split].append(entry)
         if not by_split:
-            raise ValueError(
-                f"{self._input_dir} gave no usable posts ({len(result.skipped)} "
-                "skipped); see the skipped posts above"
+            raise BuildError(
+                f"{self._input_dir} gave no usable posts; "
+                f"{len(self.report.skipped)} were skipped",
+                self.report,
             )
+        for split in SPLITS:
+            entries = by_split.get(split, [])
+            self.report.split_sizes[split] = len(entries)
+            self.report.pseudo_sizes[split] = sum(e.pseudo is not None for e in entries)
+            if not entries:
+                del self.report.split_sizes[split], self.report.pseudo_sizes[split]
         logging.info(
-            "Building %s from %s: %s",
+            "Writing %s: %s",
             source,
-            self._input_dir,
-            ", ".join(f"{split} {len(posts)}" for split, posts in by_split.items()),
+            ", ".join(f"{split} {n}" for split, n in self.report.split_sizes.items()),
         )
-        return {
-            split: self._generate_examples(split, by_split[split])
-            for split in SPLITS
-            if by_split[split]
-        }
+        return {split: self._generate_examples(by_split[split]) for split in by_split}
 
-    def _generate_examples(
-        self, split: str, posts: list[Post]
-    ) -> Iterator[tuple[str, dict]]:
-        self.report.split_sizes[split] = 0
-        self.report.pseudo_sizes[split] = 0
+    def _check_images(self, posts: list[Post]) -> list[_CheckedPost]:
+        """Decode every image once, recording skips and pseudo problems in the report.
+
+        Checking all posts before writing means a strict build fails before
+        any file is written, and a split whose posts were all skipped is left
+        out instead of being written empty. Pillow releases the GIL while
+        decoding, so a thread pool checks images in parallel.
+        """
         progress = tqdm.tqdm(
             total=len(posts),
-            desc=f"{self.builder_config.name} {split}",
+            desc=f"Checking {self.builder_config.name} images",
             unit=" posts",
             disable=not self._show_progress,
         )
-        for post, checked in self._check_images(posts):
-            progress.update()
-            image, pseudo = checked
-            if isinstance(image, Skip):
-                self.report.skipped.append(image)
-                progress.set_postfix(skipped=len(self.report.skipped))
-                continue
-            if isinstance(pseudo, Skip):
-                self.report.pseudo_problems.append(pseudo)
-                pseudo = None
-            self.report.split_sizes[split] += 1
-            self.report.pseudo_sizes[split] += pseudo is not None
+        checked: list[_CheckedPost] = []
+        with concurrent.futures.ThreadPoolExecutor(self._num_workers) as executor:
+            for outcome in executor.map(self._check_post, posts):
+                progress.update()
+                if isinstance(outcome, Skip):
+                    self.report.skipped.append(outcome)
+                    progress.set_postfix(skipped=len(self.report.skipped))
+                    continue
+                if isinstance(outcome.pseudo, Skip):
+                    self.report.pseudo_problems.append(outcome.pseudo)
+                    outcome = dataclasses.replace(outcome, pseudo=None)
+                checked.append(outcome)
+        progress.close()
+        return checked
+
+    def _check_post(self, post: Post) -> _CheckedPost | Skip:
+        try:
+            image = read_image(post.image_path, self._max_pixels)
+        except BadImageError as error:
+            return Skip(post.id, error.reason, error.detail)
+        record = None if self._pseudo is None else self._pseudo.records.get(post.id)
+        pseudo: PseudoRecord | Skip | None = record
+        pseudo_digest = b""
+        if record is not None:
+            try:
+                pseudo_digest = _digest(read_image(record.image_path, self._max_pixels))
+            except BadImageError as error:
+                pseudo = Skip(post.id, error.reason, f"pseudo image {error.detail}")
+        return _CheckedPost(post, _digest(image), pseudo, pseudo_digest)
+
+    def _generate_examples(
+        self, entries: list[_CheckedPost]
+    ) -> Iterator[tuple[str, dict]]:
+        for entry in entries:
+            post, pseudo = entry.post, entry.pseudo
             yield (
                 post.id,
                 {
                     "id": post.id,
                     "text": post.text,
                     "attributes": post.attributes,
-                    "image": image,
+                    "image": _read_unchanged(post.image_path, entry.image_digest),
                     "label": post.label,
                     "metadata": json.dumps(
                         post.metadata, sort_keys=True, ensure_ascii=False
                     ),
-                    **_pseudo_features(pseudo),
+                    "pseudo": {
+                        "description": "" if pseudo is None else pseudo.description,
+                        "attributes": "" if pseudo is None else pseudo.attributes,
+                        "image": b""
+                        if pseudo is None
+                        else _read_unchanged(pseudo.image_path, entry.pseudo_digest),
+                    },
+                    # Posts without pseudo data keep empty pseudo features, which
+                    # the model masks by has_pseudo.
+                    "has_pseudo": pseudo is not None,
                 },
             )
-        progress.close()
-        self._fail_if_strict()
-
-    def _check_images(
-        self, posts: list[Post]
-    ) -> Iterator[tuple[Post, tuple[bytes | Skip, _PseudoData | Skip | None]]]:
-        """Read and check each post's images on a thread pool, yielding in order.
-
-        Pillow releases the GIL while decoding, so threads check images in
-        parallel. At most `4 * num_workers` posts are in flight, which bounds
-        the memory held by read-ahead.
-        """
-        with concurrent.futures.ThreadPoolExecutor(self._num_workers) as executor:
-            pending: collections.deque = collections.deque()
-            for post in posts:
-                pending.append((post, executor.submit(self._check_post, post)))
-                if len(pending) >= 4 * self._num_workers:
-                    post, future = pending.popleft()
-                    yield post, future.result()
-            while pending:
-                post, future = pending.popleft()
-                yield post, future.result()
-
-    def _check_post(self, post: Post) -> tuple[bytes | Skip, _PseudoData | Skip | None]:
-        """Return the image bytes or a Skip, and the pseudo data, a Skip or None."""
-        try:
-            image: bytes | Skip = read_image(post.image_path, self._max_pixels)
-        except BadImageError as error:
-            return Skip(post.id, error.reason, error.detail), None
-        record = None if self._pseudo is None else self._pseudo.records.get(post.id)
-        if record is None:
-            return image, None
-        try:
-            pseudo_image = read_image(record.image_path, self._max_pixels)
-        except BadImageError as error:
-            return image, Skip(post.id, error.reason, f"pseudo image {error.detail}")
-        return image, _PseudoData(record.description, record.attributes, pseudo_image)
 
     def _fail_if_strict(self) -> None:
         problems = self.report.skipped + self.report.pseudo_problems
@@ -377,37 +385,60 @@ def build_dataset(
         raise ValueError(
             f"unknown source {source!r}; choose one of {', '.join(importers.SOURCES)}"
         )
-    builder = FashionPosts(
-        config=source,
-        data_dir=str(data_dir),
-        input_dir=input_dir,
-        pseudo_dir=pseudo_dir,
-        strict=strict,
-        max_pixels=max_pixels,
-        source_options=source_options,
-        show_progress=show_progress,
-        num_workers=num_workers,
-    )
-    dataset_dir = pathlib.Path(builder.data_dir)
-    if dataset_dir.exists() and not overwrite:
+    final_dir = dataset_dir(data_dir, source)
+    if final_dir.exists() and not overwrite:
         raise FileExistsError(
-            f"{dataset_dir} already exists; pass overwrite=True (--overwrite) to "
+            f"{final_dir} already exists; pass overwrite=True (--overwrite) to "
             "rebuild it"
         )
-    mode = (
-        tfds.download.GenerateMode.FORCE_REDOWNLOAD
-        if overwrite
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    )
-    # Nothing is downloaded; the temporary folder keeps TFDS from leaving an
-    # empty downloads/ folder in data_dir.
-    with tempfile.TemporaryDirectory(prefix="fashion_posts_downloads_") as download_dir:
-        builder.download_and_prepare(
-            file_format=FILE_FORMAT,
-            download_dir=download_dir,
-            download_config=tfds.download.DownloadConfig(download_mode=mode),
+
+    # A rebuild goes into a temporary data directory next to the old dataset,
+    # which stays readable until the new one is complete.
+    pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
+    rebuild_root = None
+    if final_dir.exists():
+        rebuild_root = pathlib.Path(
+            tempfile.mkdtemp(prefix=f".{DATASET_NAME}_rebuild_", dir=data_dir)
         )
+    try:
+        builder = FashionPosts(
+            config=source,
+            data_dir=str(rebuild_root or data_dir),
+            input_dir=input_dir,
+            pseudo_dir=pseudo_dir,
+            strict=strict,
+            max_pixels=max_pixels,
+            source_options=source_options,
+            show_progress=show_progress,
+            num_workers=num_workers,
+            published_dir=final_dir,
+        )
+        # Nothing is downloaded; the temporary folder keeps TFDS from leaving
+        # an empty downloads/ folder in data_dir.
+        with tempfile.TemporaryDirectory(
+            prefix="fashion_posts_downloads_"
+        ) as downloads:
+            builder.download_and_prepare(
+                file_format=FILE_FORMAT, download_dir=downloads
+            )
+        if rebuild_root is not None:
+            _replace_dir(pathlib.Path(builder.data_dir), final_dir)
+    finally:
+        if rebuild_root is not None:
+            shutil.rmtree(rebuild_root, ignore_errors=True)
     return builder.report
+
+
+def _replace_dir(new: pathlib.Path, old: pathlib.Path) -> None:
+    """Move `new` to `old`'s place, then delete the old folder.
+
+    Between the two renames, for a moment, no dataset folder exists; POSIX has
+    no portable atomic exchange of two directories.
+    """
+    retired = old.with_name(f".{old.name}_replaced_{os.getpid()}")
+    old.rename(retired)
+    new.rename(old)
+    shutil.rmtree(retired)
 
 
 def dataset_dir(data_dir: str | pathlib.Path, source: str) -> pathlib.Path:
