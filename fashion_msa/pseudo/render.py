@@ -88,6 +88,18 @@ def choose_device(requested: str = "auto") -> str:
     return "cpu"
 
 
+def _dtype_argument() -> str:
+    """Return the name of from_pretrained's dtype argument.
+
+    diffusers 0.42 (tested) takes `dtype` and warns on `torch_dtype`; older
+    releases are given `torch_dtype`, which they all accept.
+    """
+    import diffusers
+
+    version = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
+    return "dtype" if version >= (0, 42) else "torch_dtype"
+
+
 def load_pipeline(config: RenderConfig) -> tuple[Any, str]:
     """Load the Stable Diffusion pipeline; return (pipeline, device).
 
@@ -103,7 +115,7 @@ def load_pipeline(config: RenderConfig) -> tuple[Any, str]:
     device = choose_device(config.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     options: dict[str, Any] = {
-        "torch_dtype": dtype,
+        _dtype_argument(): dtype,
         "local_files_only": config.local_files_only,
     }
     if not config.safety_checker:
