@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+from absl import flags, logging
 
 from fashion_msa.clip.image_processing import DEFAULT_MAX_PIXELS, preprocess_image
 
@@ -281,6 +282,12 @@ def _data_loader(
     read_threads: int,
     prefetch_batches: int,
 ) -> grain.DataLoader:
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read grain's absl flags, which raises
+        # outside absl.app.run (in a notebook or under pytest) unless the flags
+        # count as parsed. Their defaults are what such a caller gets.
+        logging.info("Marking absl flags as parsed so grain workers can start.")
+        flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
         data_source=batches,
         sampler=grain.samplers.SequentialSampler(
