@@ -34,7 +34,7 @@ BATCH = 4
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _random_batch(seed: int = 0, batch_size: int = BATCH, length: int = 12) -> dict:
+def random_batch(seed: int = 0, batch_size: int = BATCH, length: int = 12) -> dict:
     """Random token ids and pixels in the shapes the input pipeline produces."""
     rng = np.random.default_rng(seed)
     size = CLIP_CONFIG.vision.image_size
@@ -115,7 +115,7 @@ def test_adapter_siamese_branch_shared():
 
 def test_model_outputs(paper_model):
     model, params, apply = paper_model
-    out = apply({"params": params}, _random_batch())
+    out = apply({"params": params}, random_batch())
     expected = {
         "logits": (BATCH, 3),
         "sim": (BATCH, D),
@@ -141,7 +141,7 @@ def test_model_outputs(paper_model):
 
 def test_embeddings_unit_norm(paper_model):
     model, params, apply = paper_model
-    out = apply({"params": params}, _random_batch())
+    out = apply({"params": params}, random_batch())
     for key in msa.EMBEDDING_KEYS.values():
         norms = jnp.linalg.norm(out[key], axis=-1)
         np.testing.assert_allclose(norms, 1.0, rtol=RTOL)
@@ -149,7 +149,7 @@ def test_embeddings_unit_norm(paper_model):
 
 def test_embeddings_unnormalised_when_disabled():
     _, params, apply = _build(normalize_embeddings=False)
-    batch = _random_batch()
+    batch = random_batch()
     out = apply({"params": params}, batch)
     direct = CLIP(CLIP_CONFIG).apply(
         {"params": params["clip"]},
@@ -177,7 +177,7 @@ def test_one_call_per_tower(paper_model):
     # lambda avoids a hit in the trace cache of earlier calls of model.apply.
     with nn.intercept_methods(count_calls):
         jax.eval_shape(
-            lambda p, b: model.apply(p, b), {"params": params}, _random_batch()
+            lambda p, b: model.apply(p, b), {"params": params}, random_batch()
         )
     assert calls["encode_text"] == 1
     assert calls["encode_text/rows"] == 3 * BATCH
@@ -187,7 +187,7 @@ def test_one_call_per_tower(paper_model):
 
 def test_stacked_encoding_matches_separate_calls(paper_model):
     model, params, apply = paper_model
-    batch = _random_batch()
+    batch = random_batch()
     out = apply({"params": params}, batch)
     clip = CLIP(CLIP_CONFIG)
     for m in msa.TEXT_MODALITIES:
@@ -210,7 +210,7 @@ def test_stacked_encoding_matches_separate_calls(paper_model):
 
 def test_missing_pseudo_data_zeroes_pseudo_branch(paper_model):
     model, params, apply = paper_model
-    batch = _random_batch()
+    batch = random_batch()
     batch["has_pseudo"] = np.array([False, True, False, True])
     out = apply({"params": params}, batch)
 
@@ -233,7 +233,7 @@ def test_missing_pseudo_data_zeroes_pseudo_branch(paper_model):
 def test_missing_pseudo_equals_zero_adapted_feature(paper_model):
     """With has_pseudo False, the logits equal the final fusion applied to F_P' = 0."""
     model, params, apply = paper_model
-    batch = _random_batch()
+    batch = random_batch()
     batch["has_pseudo"] = np.zeros(BATCH, bool)
     out = apply({"params": params}, batch)
 
@@ -253,7 +253,7 @@ def test_missing_pseudo_equals_zero_adapted_feature(paper_model):
 
 def test_jit_matches_no_jit(paper_model):
     model, params, apply = paper_model
-    batch = _random_batch()
+    batch = random_batch()
     eager = model.apply({"params": params}, batch)
     jitted = jax.jit(lambda p, b: model.apply({"params": p}, b))(params, batch)
     for key in eager:
@@ -262,7 +262,7 @@ def test_jit_matches_no_jit(paper_model):
 
 def test_consistency_pairs_with_partner(paper_model):
     model, params, apply = paper_model
-    batch = _random_batch()
+    batch = random_batch()
     identity = jnp.arange(BATCH)
     partner = jnp.array([1, 0, 3, 2])
     consistency = jax.jit(
@@ -291,7 +291,7 @@ def test_unshared_image_fusion_has_two_modules():
 
 def test_no_adapter_uses_sim_of_ones():
     _, params, apply = _build(use_adapter=False)
-    batch = _random_batch()
+    batch = random_batch()
     batch["has_pseudo"] = np.ones(BATCH, bool)
     out = apply({"params": params}, batch)
     assert "adapter" not in params
@@ -333,7 +333,7 @@ def test_baseline_heads(fusion_name, modalities, text_rows, image_rows):
 
     with nn.intercept_methods(count_rows):
         out = jax.eval_shape(
-            lambda p, b: model.apply(p, b), {"params": params}, _random_batch()
+            lambda p, b: model.apply(p, b), {"params": params}, random_batch()
         )
     assert out["logits"].shape == (BATCH, 3)
     assert rows["encode_text"] == text_rows
@@ -344,7 +344,7 @@ def test_baseline_heads(fusion_name, modalities, text_rows, image_rows):
 
 def test_baseline_ignores_missing_pseudo_inputs():
     _, params, apply = _build(fusion="attention", modalities=msa.MODALITIES)
-    batch = _random_batch()
+    batch = random_batch()
     batch["has_pseudo"] = np.zeros(BATCH, bool)
     changed = dict(batch)
     changed["pseudo_image"] = batch["pseudo_image"] + 1.0

@@ -1,4 +1,4 @@
-"""Classification metrics for the three sentiment classes, computed from a confusion matrix.
+"""Classification metrics for the three sentiment classes, from a confusion matrix.
 
 The numbers equal scikit-learn's `accuracy_score` and
 `precision_recall_fscore_support(labels=[0, 1, 2], zero_division=0)`: every class
@@ -58,7 +58,7 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def metrics_from_confusion(
     matrix: np.ndarray, class_names: Sequence[str] = CLASS_NAMES
 ) -> dict[str, Any]:
-    """Compute accuracy, macro and per-class precision/recall/F1 from a confusion matrix.
+    """Compute accuracy and macro and per-class precision/recall/F1 from a matrix.
 
     Args:
       matrix: counts (num_classes, num_classes), rows true, columns predicted.
