@@ -1,5 +1,6 @@
 """Tests for the TFDS builder, the build report and the build_dataset CLI."""
 
+import importlib.metadata
 import io
 import json
 import os
@@ -452,7 +453,15 @@ def test_build_and_read_without_tensorflow(tmp_path):
     blocker_dir = tmp_path / "blocker"
     blocker_dir.mkdir()
     (blocker_dir / "sitecustomize.py").write_text(textwrap.dedent(_BLOCKER))
-    env = dict(os.environ, PYTHONPATH=str(blocker_dir), JAX_PLATFORMS="cpu")
+    # Outside the repository the child imports fashion_msa as installed, which
+    # for some editable installs means as a namespace package. The checkout is
+    # the fallback when the package is not installed.
+    python_path = [str(blocker_dir)]
+    try:
+        importlib.metadata.distribution("fashion_msa")
+    except importlib.metadata.PackageNotFoundError:
+        python_path.append(str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path), JAX_PLATFORMS="cpu")
 
     completed = subprocess.run(
         [
@@ -462,7 +471,7 @@ def test_build_and_read_without_tensorflow(tmp_path):
             str(tmp_path / "in"),
             str(tmp_path / "d"),
         ],
-        cwd=REPO_ROOT,
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,

@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -45,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from absl import logging
+from etils import epath
 
 from fashion_msa.data import importers
 from fashion_msa.data.posts import LABELS, SPLITS, Post, Skip
@@ -105,6 +107,17 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
         tfds.core.BuilderConfig(name=source, description=_DESCRIPTIONS[source])
         for source in importers.SOURCES
     ]
+
+    # TFDS 4.9.10 locates this file and its folder (for optional metadata such
+    # as checksums.tsv) through importlib.resources, which needs the
+    # importlib_resources backport and fails when the package is imported as a
+    # namespace package, as some editable installs do. Both are set directly.
+    pkg_dir_path = epath.Path(__file__).parent
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
 
     def __init__(
         self,
