@@ -28,7 +28,7 @@ def random_hf_clip(config: CLIPConfig, seed: int) -> transformers.CLIPModel:
     torch.manual_seed(seed)
     hf_config = transformers.CLIPConfig.from_dict(config.to_hf_dict())
     model = transformers.CLIPModel(hf_config).eval()
-    # LayerNorm scales start at 1 and biases at 0; perturbing them makes every
+    # LayerNorm scales start at 1 and biases at 0. Perturbing them makes every
     # tensor distinct, so a swapped pair of keys cannot go unnoticed.
     with torch.no_grad():
         for parameter in model.parameters():
@@ -182,7 +182,7 @@ def test_pytorch_model_bin(hf_model, reference, tmp_path):
     config, expected = reference
     write_config(config, tmp_path)
     state = dict(hf_model.state_dict())
-    # Older checkpoints carry these buffers; the loader skips them.
+    # Older checkpoints contain these buffers, and the loader skips them.
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     state["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -302,7 +302,7 @@ def test_all_bad_keys_in_one_error(hf_model, tmp_path):
     assert error.value.mismatched == {RESHAPED_KEY: ((63, 64), (64, 64))}
 
 
-def test_save_rejects_params_that_do_not_match_config(reference, tmp_path):
+def test_save_rejects_mismatched_params(reference, tmp_path):
     config, params = reference
     params = dict(params)
     del params["text_projection"]
@@ -389,14 +389,14 @@ def test_config_round_trips_through_transformers():
     assert CLIPConfig.from_hf_dict(tiny.to_hf_dict()) == tiny
 
 
-def test_legacy_sub_config_dicts_override_and_unknown_keys_drop():
+def test_legacy_config_dicts_override():
     config = CLIPConfig.from_hf_dict(
         {
             "model_type": "clip",
             "projection_dim": 256,
             "text_config": {"hidden_size": 128, "num_attention_heads": 4},
-            "text_config_dict": {"hidden_size": 256, "dropout": 0.1},
-            "vision_config_dict": {"image_size": 336, "id2label": {"0": "a"}},
+            "text_config_dict": {"hidden_size": 256},
+            "vision_config_dict": {"image_size": 336},
         }
     )
     assert config.text.hidden_size == 256
@@ -405,6 +405,19 @@ def test_legacy_sub_config_dicts_override_and_unknown_keys_drop():
     assert config.vision.image_size == 336
     assert config.vision.patch_size == 32
     assert config.projection_dim == 256
+
+
+def test_unknown_config_keys_dropped():
+    config = CLIPConfig.from_hf_dict(
+        {
+            "text_config": {"dropout": 0.1, "initializer_range": 0.5},
+            "vision_config": {"id2label": {"0": "a"}, "patch_size": 16},
+            "torch_dtype": "float16",
+        }
+    )
+    assert config.text == TextConfig()
+    assert config.vision == VisionConfig(patch_size=16)
+    assert "dropout" not in config.to_hf_dict()["text_config"]
 
 
 def test_non_clip_config_raises():

@@ -24,21 +24,26 @@ from fashion_msa.clip.modeling import (
     unstack_layer_params,
 )
 
-OUTPUT_KEYS = ("text_embeds", "image_embeds", "logits_per_image")
+OUTPUT_KEYS = ("text_embeds", "image_embeds", "logits_per_image", "logits_per_text")
 
 # A 1000-token vocabulary keeps the embedding table small. Token layout mimics
 # OpenAI's: the start token near the top of the vocabulary, end-of-text at the top.
 SMALL_VOCAB = 1000
 BOS_ID = 998
 EOT_ID = 999
-# A post-PR-24773 style end-of-text id with ids above it (like tokens added to a
-# vocabulary), so "first end-of-text" and "largest id" pick different positions.
+# An end-of-text id in the style of current transformers configs, with ids above
+# it (like tokens added to a vocabulary), so "first end-of-text" and "largest id"
+# pick different positions.
 NEW_EOS_ID = 900
 PAD_ID = 1
 
 
 def tiny_config(hidden_act: str, eos_token_id: int) -> CLIPConfig:
-    """Return the "tiny" preset with a small vocabulary and the given text settings."""
+    """Return the "tiny" preset with a small vocabulary and the given text settings.
+
+    The LayerNorm epsilons differ from the 1e-5 default and from each other, so a
+    model that ignores the config's epsilon fails the parity tests.
+    """
     tiny = get_preset("tiny")
     text = dataclasses.replace(
         tiny.text,
@@ -46,8 +51,11 @@ def tiny_config(hidden_act: str, eos_token_id: int) -> CLIPConfig:
         bos_token_id=BOS_ID,
         eos_token_id=eos_token_id,
         hidden_act=hidden_act,
+        layer_norm_eps=1e-3,
     )
-    vision = dataclasses.replace(tiny.vision, hidden_act=hidden_act)
+    vision = dataclasses.replace(
+        tiny.vision, hidden_act=hidden_act, layer_norm_eps=1e-2
+    )
     return dataclasses.replace(tiny, text=text, vision=vision)
 
 
@@ -111,10 +119,11 @@ def report(name: str, differences: dict[str, float]) -> None:
 def legacy_text_inputs(length: int = 77) -> tuple[np.ndarray, np.ndarray]:
     """Ids for `eos_token_id == 2` configs, where CLIP pools at the largest id.
 
-    Rows: padded with end-of-text as OpenAI's tokenizer does (with a 2 before the
-    end, so "first id equal to eos_token_id" would pool elsewhere); padded with
-    pad ids; unpadded; left-padded with the largest id under a masked position, so
-    the pooled query row has every key masked.
+    Row 0 is padded with end-of-text as OpenAI's tokenizer does, and has a 2 before
+    the end, so "first id equal to eos_token_id" would pool elsewhere. Row 1 is
+    padded with pad ids and row 2 is unpadded. Row 3 is left-padded with the
+    largest id under a masked position, so the pooled query row has every key
+    masked.
     """
     rng = np.random.default_rng(0)
     input_ids = rng.integers(3, BOS_ID, size=(4, length)).astype(np.int32)
@@ -226,8 +235,8 @@ def test_tiny_matches_transformers(tmp_path, hidden_act, convention):
     )
     differences = max_differences(actual, expected)
     report(f"tiny {hidden_act} {convention} vs transformers", differences)
-    # float32 with "highest" matmul precision on both sides: what remains is
-    # summation order, a few float32 ulps of values of size ~1 (logits ~14).
+    # Both sides run float32 with full-precision matmuls, so only summation order
+    # differs: a few float32 ulps of values of size ~1 (logits ~14).
     for key in OUTPUT_KEYS:
         np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=1e-5)
 
@@ -263,7 +272,7 @@ def test_vit_b32_matches_transformers(vit_b32_case, scan_layers):
     differences = max_differences(actual, expected)
     report(f"vit-b-32 scan_layers={scan_layers} vs transformers", differences)
     # Twelve 512/768-wide float32 layers accumulate more rounding than the tiny
-    # model; 1e-4 still fails on any real mismatch.
+    # model. 1e-4 is still far below the effect of any real mismatch.
     for key in OUTPUT_KEYS:
         np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=1e-4)
 
@@ -279,7 +288,7 @@ def test_jit_matches_no_jit(tiny_model):
     differences = max_differences(jitted, eager)
     report("tiny jit vs no-jit", differences)
     # XLA fuses and reorders float32 reductions under jit, so a few ulps of the
-    # unit-norm embeddings remain; logits are exp(logit_scale) ~ 14 times larger.
+    # unit-norm embeddings remain. Logits are exp(logit_scale) ~ 14 times larger.
     for key, atol in (("text_embeds", 1e-6), ("image_embeds", 1e-6)):
         np.testing.assert_allclose(jitted[key], eager[key], rtol=0, atol=atol)
     np.testing.assert_allclose(
@@ -312,7 +321,7 @@ def test_scan_matches_unrolled(tiny_model):
     scanned = flax_outputs(scan_model, stacked, input_ids, attention_mask, pixel_values)
     differences = max_differences(scanned, unrolled)
     report("tiny scan_layers vs unrolled", differences)
-    # Same arithmetic in a loop body; XLA may fuse it differently, a few ulps.
+    # The loop body does the same arithmetic, but XLA may fuse it differently.
     for key in OUTPUT_KEYS:
         np.testing.assert_allclose(scanned[key], unrolled[key], rtol=0, atol=1e-6)
 
@@ -340,7 +349,7 @@ def test_bfloat16_compute_close_to_float32(tiny_model):
     assert text_embeds.dtype == jnp.bfloat16
     # bfloat16 keeps 8 significand bits (relative step 2**-8 = 0.004). Through two
     # layers the unit-norm embeddings stay within a few of those steps (measured
-    # about 0.002); logits are exp(logit_scale) ~ 14 times larger.
+    # about 0.002). Logits are exp(logit_scale) ~ 14 times larger.
     for key in ("text_embeds", "image_embeds"):
         np.testing.assert_allclose(actual[key], reference[key], rtol=0, atol=1e-2)
     np.testing.assert_allclose(
@@ -360,7 +369,7 @@ def test_bfloat16_params(tiny_model):
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_trimmed_input_ids_match_full_padding(tiny_model):
+def test_trimmed_ids_match_padded(tiny_model):
     config, params, input_ids, attention_mask, _ = tiny_model
     # Right-padded rows only: trimming removes trailing padding.
     input_ids, attention_mask = input_ids[:2], attention_mask[:2]

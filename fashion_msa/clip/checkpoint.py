@@ -151,7 +151,7 @@ def save_pretrained(
     }
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    # transformers refuses safetensors files without a "format" entry.
+    # The same metadata as transformers' own save_pretrained writes.
     safetensors.numpy.save_file(
         state_dict, directory / SAFETENSORS_NAME, metadata={"format": "pt"}
     )
@@ -209,7 +209,7 @@ def read_state_dict(directory: pathlib.Path) -> tuple[dict[str, np.ndarray], str
     The first of `model.safetensors`, `model.safetensors.index.json`,
     `pytorch_model.bin`, `pytorch_model.bin.index.json` found is read, the order
     transformers prefers. bfloat16 tensors from `.bin` files come back as float32,
-    which holds them exactly.
+    which represents them exactly.
 
     Returns:
         `{key: array}` and the file read (for messages).
@@ -302,7 +302,7 @@ def _read_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
                 f"{file}: entry {key!r} is a {type(tensor).__name__}, not a tensor."
             )
         if tensor.dtype == torch.bfloat16:
-            # numpy has no bfloat16 conversion from torch; float32 holds it exactly.
+            # Tensor.numpy() rejects bfloat16, and float32 represents it exactly.
             tensor = tensor.to(torch.float32)
         arrays[key] = tensor.numpy()
     return arrays

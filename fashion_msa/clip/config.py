@@ -17,8 +17,9 @@ from typing import Any
 
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu")
 
-# transformers' checkpoints before PR #24773 set eos_token_id to 2 and pool at the
-# position of the largest token id, so this value selects the legacy pooling rule.
+# Older transformers CLIP configs set eos_token_id to 2, which is not the end-of-text
+# id. transformers' CLIPTextModel keeps their behaviour, pooling at the largest token
+# id, whenever eos_token_id is 2.
 LEGACY_EOS_TOKEN_ID = 2
 
 

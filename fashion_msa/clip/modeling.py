@@ -14,10 +14,10 @@ Differences from the PyTorch model:
   leading layer axis. `stack_layer_params` and `unstack_layer_params` convert
   between the two layouts.
 
-Attention masking follows transformers' default SDPA attention: a query row whose
-keys are all masked (attention_mask 0 at the first token, so left padding) outputs
-zeros from the attention, where transformers' eager attention would average over
-every key. Only that row's own hidden state differs.
+Attention masking follows transformers' default SDPA attention. A query row whose
+keys are all masked (attention_mask is 0 at every position up to it, as with left
+padding) gets a zero attention output, where transformers' eager attention would
+average over every key. Only that row's own hidden state differs.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class CLIPEncoder(nn.Module):
     Attributes:
         scan_layers: run one layer body with nn.scan (parameters stacked under
             `layers` with a leading layer axis) in place of `layers_0` ...
-            `layers_{n-1}`. The outputs are the same; compile time is lower.
+            `layers_{n-1}`. Outputs match the unrolled stack up to float
+            rounding, and compile time is lower.
     """
 
     config: TowerConfig
@@ -396,7 +397,7 @@ class CLIPVisionTransformer(nn.Module):
 class CLIP(nn.Module):
     """Two-tower CLIP with bias-free projections and a learned logit scale.
 
-    `encode_text` and `encode_image` can be called from a parent module that holds
+    `encode_text` and `encode_image` can be called from a parent module that has
     this one as a submodule, or through `apply(..., method="encode_text")`.
 
     Attributes:
