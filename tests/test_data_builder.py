@@ -30,7 +30,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels but that holds no pixel data."""
+    """Return a PNG whose header declares width x height pixels but has no pixels."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -119,7 +119,7 @@ EXPECTED_SKIP_LINES = [
     "zero: empty_image (zero.png has zero bytes)",
     "garbage: unreadable_image (garbage.png: ",
     "truncated: unreadable_image (truncated.jpg: ",
-    # Pillow itself refuses to open images over 2 * Image.MAX_IMAGE_PIXELS.
+    # Pillow itself rejects images over 2 * Image.MAX_IMAGE_PIXELS.
     "bomb: image_too_large (bomb.png: Image size (400000000 pixels) exceeds limit",
     "big: image_too_large (big.png has 1200000 pixels, more than max_pixels=1000000)",
     "missing: missing_image (images/missing.png not found)",

@@ -22,10 +22,11 @@ Features of a post:
 Reading back gives `bytes` for every string feature. TFDS shuffles records on
 write, so record i is not the i-th post of the input.
 
-A dataset lives in DATA_DIR/fashion_posts/SOURCE/VERSION. TFDS builds it in an
-`incomplete.*` sibling folder and renames that only once every split and the
-build report are written, so a half-built dataset is never visible; a failed
-build removes its folder.
+A build first imports the posts and decodes every image (skips go into the
+build report), then writes. A dataset lives in DATA_DIR/fashion_posts/SOURCE/
+VERSION. TFDS writes it into an `incomplete.*` sibling folder and renames that
+only once every split and the build report are written, so a half-built
+dataset is never visible. A failed build removes its folder.
 """
 
 import collections
@@ -78,7 +79,7 @@ class _CheckedPost:
 
     post: Post
     image_digest: bytes
-    pseudo: PseudoRecord | Skip | None
+    pseudo: PseudoRecord | None
     pseudo_digest: bytes
 
 
@@ -92,6 +93,30 @@ def _read_unchanged(path: pathlib.Path, digest: bytes) -> bytes:
     if _digest(data) != digest:
         raise RuntimeError(f"{path} changed while the dataset was being built")
     return data
+
+
+def _example(entry: _CheckedPost) -> dict[str, Any]:
+    """Return the TFDS example of a checked post, rereading its image files."""
+    post, pseudo = entry.post, entry.pseudo
+    example = {
+        "id": post.id,
+        "text": post.text,
+        "attributes": post.attributes,
+        "image": _read_unchanged(post.image_path, entry.image_digest),
+        "label": post.label,
+        "metadata": json.dumps(post.metadata, sort_keys=True, ensure_ascii=False),
+        # Without pseudo data the pseudo features stay empty, and the model
+        # masks them by has_pseudo.
+        "pseudo": {"description": "", "attributes": "", "image": b""},
+        "has_pseudo": pseudo is not None,
+    }
+    if pseudo is not None:
+        example["pseudo"] = {
+            "description": pseudo.description,
+            "attributes": pseudo.attributes,
+            "image": _read_unchanged(pseudo.image_path, entry.pseudo_digest),
+        }
+    return example
 
 
 def _bytes_feature(doc: str) -> tfds.features.Tensor:
@@ -141,7 +166,7 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
           strict: raise `BuildError` on any skipped post or pseudo problem.
           max_pixels: largest width * height accepted for any image.
           source_options: keyword arguments of the source's importer.
-          show_progress: show a tqdm progress bar per split.
+          show_progress: show a tqdm progress bar while images are checked.
           num_workers: threads that read and decode images; default: the CPU
             count, at most 8.
           published_dir: the dataset folder named in the report, when the
@@ -257,18 +282,19 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
                 f"{len(self.report.skipped)} were skipped",
                 self.report,
             )
-        for split in SPLITS:
-            entries = by_split.get(split, [])
+        # Splits in the order train, val, test. A split whose posts were all
+        # skipped is absent.
+        splits = [split for split in SPLITS if by_split[split]]
+        for split in splits:
+            entries = by_split[split]
             self.report.split_sizes[split] = len(entries)
             self.report.pseudo_sizes[split] = sum(e.pseudo is not None for e in entries)
-            if not entries:
-                del self.report.split_sizes[split], self.report.pseudo_sizes[split]
         logging.info(
             "Writing %s: %s",
             source,
             ", ".join(f"{split} {n}" for split, n in self.report.split_sizes.items()),
         )
-        return {split: self._generate_examples(by_split[split]) for split in by_split}
+        return {split: self._generate_examples(by_split[split]) for split in splits}
 
     def _check_images(self, posts: list[Post]) -> list[_CheckedPost]:
         """Decode every image once, recording skips and pseudo problems in the report.
@@ -286,62 +312,43 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
         )
         checked: list[_CheckedPost] = []
         with concurrent.futures.ThreadPoolExecutor(self._num_workers) as executor:
-            for outcome in executor.map(self._check_post, posts):
+            for outcome, pseudo_problem in executor.map(self._check_post, posts):
                 progress.update()
+                if pseudo_problem is not None:
+                    self.report.pseudo_problems.append(pseudo_problem)
                 if isinstance(outcome, Skip):
                     self.report.skipped.append(outcome)
                     progress.set_postfix(skipped=len(self.report.skipped))
-                    continue
-                if isinstance(outcome.pseudo, Skip):
-                    self.report.pseudo_problems.append(outcome.pseudo)
-                    outcome = dataclasses.replace(outcome, pseudo=None)
-                checked.append(outcome)
+                else:
+                    checked.append(outcome)
         progress.close()
         return checked
 
-    def _check_post(self, post: Post) -> _CheckedPost | Skip:
+    def _check_post(self, post: Post) -> tuple[_CheckedPost | Skip, Skip | None]:
+        """Check a post's images; return the post or its Skip, and any pseudo problem.
+
+        A post whose pseudo image is unusable is kept without pseudo data.
+        """
         try:
             image = read_image(post.image_path, self._max_pixels)
         except BadImageError as error:
-            return Skip(post.id, error.reason, error.detail)
+            return Skip(post.id, error.reason, error.detail), None
+
         record = None if self._pseudo is None else self._pseudo.records.get(post.id)
-        pseudo: PseudoRecord | Skip | None = record
-        pseudo_digest = b""
-        if record is not None:
-            try:
-                pseudo_digest = _digest(read_image(record.image_path, self._max_pixels))
-            except BadImageError as error:
-                pseudo = Skip(post.id, error.reason, f"pseudo image {error.detail}")
-        return _CheckedPost(post, _digest(image), pseudo, pseudo_digest)
+        if record is None:
+            return _CheckedPost(post, _digest(image), None, b""), None
+        try:
+            pseudo_image = read_image(record.image_path, self._max_pixels)
+        except BadImageError as error:
+            problem = Skip(post.id, error.reason, f"pseudo image {error.detail}")
+            return _CheckedPost(post, _digest(image), None, b""), problem
+        return _CheckedPost(post, _digest(image), record, _digest(pseudo_image)), None
 
     def _generate_examples(
         self, entries: list[_CheckedPost]
-    ) -> Iterator[tuple[str, dict]]:
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         for entry in entries:
-            post, pseudo = entry.post, entry.pseudo
-            yield (
-                post.id,
-                {
-                    "id": post.id,
-                    "text": post.text,
-                    "attributes": post.attributes,
-                    "image": _read_unchanged(post.image_path, entry.image_digest),
-                    "label": post.label,
-                    "metadata": json.dumps(
-                        post.metadata, sort_keys=True, ensure_ascii=False
-                    ),
-                    "pseudo": {
-                        "description": "" if pseudo is None else pseudo.description,
-                        "attributes": "" if pseudo is None else pseudo.attributes,
-                        "image": b""
-                        if pseudo is None
-                        else _read_unchanged(pseudo.image_path, entry.pseudo_digest),
-                    },
-                    # Posts without pseudo data keep empty pseudo features, which
-                    # the model masks by has_pseudo.
-                    "has_pseudo": pseudo is not None,
-                },
-            )
+            yield entry.post.id, _example(entry)
 
     def _fail_if_strict(self) -> None:
         problems = self.report.skipped + self.report.pseudo_problems
@@ -379,7 +386,7 @@ def build_dataset(
       max_pixels: largest width * height accepted for any image.
       overwrite: replace an existing build of this source; without it an
         existing build raises FileExistsError.
-      show_progress: show a progress bar per split.
+      show_progress: show a tqdm progress bar while images are checked.
       num_workers: threads that read and decode images; default: the CPU
         count, at most 8.
       **source_options: keyword arguments of the source's importer (e.g.

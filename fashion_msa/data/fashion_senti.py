@@ -5,7 +5,7 @@ expects, built from its file names; adapt a copy with a different structure
 into this one, or into a manifest.
 
   final_dict_train.pkl    one pickle per split (train, val, test; at least one
-  final_dict_val.pkl      must exist). Each holds a dict from post id (str or
+  final_dict_val.pkl      must exist). Each contains a dict from post id (str or
   final_dict_test.pkl     int) to a record dict, or a list of record dicts
                           that each carry an "id" key.
   attribute_dict*.pkl     optional, any number: dicts from post id to that

@@ -19,8 +19,8 @@ rows (F_P' = 0), so the zeros never stand in for data.
 
 Batches are the unit of work: element k of the grain data source is the whole
 batch k, read from TFDS, decoded, CLIP-preprocessed and tokenized. grain's
-read threads build several batches in parallel (Pillow and the tokenizer
-release the GIL), and `worker_count` > 0 moves that work into worker
+read threads (`read_threads`) build the next batches while the caller trains
+on the current one, and `worker_count` > 0 moves that work into worker
 processes. Because every batch is one element, the order of posts does not
 depend on the number of threads or workers.
 

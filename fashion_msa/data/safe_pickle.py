@@ -4,7 +4,7 @@ A pickle can name any importable callable and have the loader call it, so an
 ordinary `pickle.load` of a downloaded file can run arbitrary code. The loader
 here resolves only a fixed set of plain container and scalar types. Every other
 global (`os.system`, `builtins.eval`, numpy arrays, custom classes, ...) raises
-`UnsafePickleError` naming the refused `module.name` before anything is called.
+`UnsafePickleError` naming the rejected `module.name` before anything is called.
 """
 
 import io

@@ -39,6 +39,7 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fashion_msa.data.manifest import import_manifest
 from fashion_msa.data.posts import LABELS, ImportResult
 
 CATEGORIES = ("dress", "t-shirt", "skirt", "trousers", "handbag", "hat")
@@ -391,14 +392,12 @@ def import_synthetic(
 ) -> ImportResult:
     """Draw a synthetic set into `input_dir` (unless it is there) and import it.
 
-    `input_dir` must be empty, absent, or hold a set written with the same
+    `input_dir` must be empty, absent, or contain a set written with the same
     arguments, which is then reused as it is.
 
     Raises:
-      FileExistsError: `input_dir` holds other files or another synthetic set.
+      FileExistsError: `input_dir` contains other files or another synthetic set.
     """
-    from fashion_msa.data.manifest import import_manifest
-
     root = pathlib.Path(input_dir)
     parameters = {"num_posts": num_posts, "image_size": image_size, "seed": seed}
     parameters_path = root / PARAMETERS_FILE
@@ -406,12 +405,12 @@ def import_synthetic(
         written = json.loads(parameters_path.read_text())
         if written != parameters:
             raise FileExistsError(
-                f"{root} holds a synthetic set drawn with {written}, not {parameters}; "
-                "choose an empty input_dir"
+                f"{root} contains a synthetic set drawn with {written}, not "
+                f"{parameters}; choose an empty input_dir"
             )
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(
-            f"{root} is not empty and holds no {PARAMETERS_FILE}; the synthetic "
+            f"{root} is not empty and contains no {PARAMETERS_FILE}; the synthetic "
             "source writes its posts into input_dir, so choose an empty folder"
         )
     else:

@@ -33,7 +33,7 @@ def _pixel_count(data: bytes, name: str) -> int | None:
             with Image.open(io.BytesIO(data)) as image:
                 return image.width * image.height
     except Image.DecompressionBombError as error:
-        # Pillow refuses to open images over twice Image.MAX_IMAGE_PIXELS.
+        # Pillow raises this for images over twice Image.MAX_IMAGE_PIXELS.
         raise BadImageError(SkipReason.IMAGE_TOO_LARGE, f"{name}: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError):
         return None
