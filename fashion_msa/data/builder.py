@@ -253,8 +253,8 @@ class FashionPosts(tfds.core.GeneratorBasedBuilder):
         )
         self.report = BuildReport(
             source=source,
-            input_dir=str(self._input_dir),
-            pseudo_dir=None if pseudo_dir is None else str(pseudo_dir),
+            input_dir=str(self._input_dir.absolute()),
+            pseudo_dir=None if pseudo_dir is None else str(pseudo_dir.absolute()),
             dataset_dir=str(final_dir),
             strict=self._strict,
             max_pixels=self._max_pixels,
