@@ -145,14 +145,14 @@ flags.mark_flags_as_required(["stage", "output_dir"])
 
 
 def _prices() -> tuple[float, float] | None:
-    given = (_PRICE_IN.value, _PRICE_OUT.value)
-    if given == (None, None):
+    prices = (_PRICE_IN.value, _PRICE_OUT.value)
+    if prices == (None, None):
         return None
-    if None in given:
+    if None in prices:
         raise app.UsageError(
             "give both --price_input_per_mtok and --price_output_per_mtok"
         )
-    return given
+    return prices
 
 
 def main(argv: list[str]) -> int:

@@ -90,8 +90,8 @@ class FakeOpenAIServer:
       fault_rates: probability of each fault for messages without a marker.
       retry_after_s: value of the Retry-After header sent with 429.
       hang_s: how long a hung request waits before its reply, in seconds.
-      response_formats: response_format types accepted; others get a 400 that
-        names `response_format`, as endpoints without structured output answer.
+      response_formats: response_format types accepted. Others get a 400 that
+        names `response_format`, as endpoints without structured output respond.
       batch_polls_to_complete: batch retrievals before a batch reports completed.
     """
 

@@ -122,7 +122,8 @@ def test_retries_follow_the_rules(server, tmp_path):
     assert summary.retries["timeout"] == 1
     assert summary.retries["server_error"] == 1
     assert summary.usage.total_tokens > 0
-    assert summary.cost_usd is not None and summary.cost_usd > 0
+    assert summary.cost_usd is not None
+    assert summary.cost_usd > 0
 
 
 def test_rerun_sends_nothing_for_finished(server, tmp_path):
@@ -249,13 +250,14 @@ def test_connection_errors_fail_after_max_attempts(tmp_path, monkeypatch):
 
 
 def test_rate_limiter_spaces_requests(server, tmp_path):
-    posts = [make_post(str(i)) for i in range(5)]
-    config = fast_config(server, requests_per_minute=600, concurrency=5)
+    posts = [make_post(str(i)) for i in range(8)]
+    config = fast_config(server, requests_per_minute=600, concurrency=8)
     describe.describe_posts(posts, tmp_path, config, False)
     times = sorted(r.received_at for r in server.chat_requests)
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-    # 600 per minute is one start every 0.1 s; HTTP jitter may shorten a gap a bit.
-    assert min(gaps) >= 0.08, gaps
+    # 600 per minute is one start every 0.1 s, so 8 starts span at least 0.7 s.
+    # Arrival times at the server lag the starts; the first request also opens
+    # the connection, which can shorten the measured span by tens of ms.
+    assert times[-1] - times[0] >= 0.6
 
 
 def test_torn_line_is_cut_and_the_post_resent(server, tmp_path, caplog):
@@ -269,7 +271,8 @@ def test_torn_line_is_cut_and_the_post_resent(server, tmp_path, caplog):
         summary = describe.describe_posts(posts, tmp_path, fast_config(server), False)
 
     assert "torn last line" in caplog.text
-    assert summary.done == 1 and summary.skipped == {"already_done": 1}
+    assert summary.done == 1
+    assert summary.skipped == {"already_done": 1}
     lines = store.read_bytes().decode().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["a", "b"]
 

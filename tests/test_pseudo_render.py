@@ -45,10 +45,10 @@ LONG_DESCRIPTION = "A model in a long flowing floral summer dress " * 12
 
 def _tiny_components(tmp: pathlib.Path) -> dict:
     torch.manual_seed(0)
-    vocab_path, merges_path = build_vocab_files(tmp / "vocab")
-    tokenizer = CLIPTokenizer(
-        vocab_file=str(vocab_path), merges_file=str(merges_path), model_max_length=77
-    )
+    build_vocab_files(tmp / "vocab")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "vocab", model_max_length=77)
+    # OpenAI's CLIP ids for "a photo of a cat", between start and end tokens.
+    assert tokenizer("a photo of a cat").input_ids[1:-1] == [320, 1125, 539, 320, 2368]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -197,18 +197,27 @@ def test_render_writes_images_and_log(pipelines, tmp_path):
         tmp_path, tiny_config(pipelines["checked"]), progress=False
     )
 
-    assert summary.done == 3 and not summary.failed
+    assert summary.done == 3
+    assert not summary.failed
     assert summary.notes["safety_checker"] == "on"
     assert summary.notes["truncated_descriptions"] == 1
     for post_id in DESCRIPTIONS:
         image = Image.open(tmp_path / "images" / f"{post_id}.png")
-        assert image.size == (IMAGE_SIDE, IMAGE_SIDE) and image.mode == "RGB"
+        assert image.size == (IMAGE_SIDE, IMAGE_SIDE)
+        assert image.mode == "RGB"
     log = {r["id"]: r for r in read_jsonl(tmp_path / render.IMAGES_LOG)}
     assert log["a"]["seed"] == render.derive_seed("a", 7)
     assert log["a"]["model"] == str(pipelines["checked"])
-    assert log["a"]["steps"] == 2 and log["a"]["status"] == "ok"
-    assert log["a"]["prompt"] == DESCRIPTIONS["a"] and not log["a"]["truncated"]
-    assert log["c"]["truncated"] and len(log["c"]["prompt"]) < len(LONG_DESCRIPTION)
+    assert log["a"]["steps"] == 2
+    assert log["a"]["status"] == "ok"
+    assert log["a"]["prompt"] == DESCRIPTIONS["a"]
+    assert not log["a"]["truncated"]
+    assert log["c"]["truncated"]
+    truncated = log["c"]["prompt"]
+    assert 100 < len(truncated) < len(LONG_DESCRIPTION)
+    assert LONG_DESCRIPTION.lower().startswith(truncated[:40])
+    tokenizer = CLIPTokenizer.from_pretrained(pipelines["checked"] / "tokenizer")
+    assert len(tokenizer(truncated).input_ids) <= 77
     assert not list((tmp_path / "images").glob(".*.tmp"))
 
     # The dataset builder's reader sees every post as having pseudo data.
@@ -256,7 +265,8 @@ def test_rerun_skips_without_loading(pipelines, tmp_path):
     missing = tiny_config(tmp_path / "no_such_pipeline")
     summary = render.render_descriptions(tmp_path, missing, progress=False)
 
-    assert summary.skipped == {"already_done": 3} and summary.done == 0
+    assert summary.skipped == {"already_done": 3}
+    assert summary.done == 0
     assert [os.stat(path).st_mtime_ns for path in images] == stamps
 
 
@@ -280,7 +290,8 @@ def test_broken_output_is_a_failure(pipelines, tmp_path, variant, reason):
     config = tiny_config(pipelines[variant], safety_checker=False)
     summary = render.render_descriptions(tmp_path, config, progress=False)
 
-    assert summary.failed == {reason: 2} and summary.done == 0
+    assert summary.failed == {reason: 2}
+    assert summary.done == 0
     assert not list((tmp_path / "images").glob("*.png"))
     log = read_jsonl(tmp_path / render.IMAGES_LOG)
     assert [(r["status"], r["reason"]) for r in log] == [("failed", reason)] * 2

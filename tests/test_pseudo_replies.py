@@ -142,7 +142,8 @@ def test_store_appends_whole_lines(tmp_path):
         log.append({"id": "a", "text": "ünïcode"})
         log.append({"id": "b"})
     data = path.read_bytes()
-    assert data.endswith(b"\n") and data.count(b"\n") == 2
+    assert data.endswith(b"\n")
+    assert data.count(b"\n") == 2
     assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
     assert read_jsonl(path)[0]["text"] == "ünïcode"
     assert "time" in read_jsonl(path)[0]
@@ -176,7 +177,8 @@ def test_store_skips_unreadable_middle_line(tmp_path, caplog):
     path.write_bytes(b'{"id": "a"}\nnot json\n[1, 2]\n{"id": "b"}\n')
     with caplog.at_level(logging.WARNING):
         assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
-    assert "line 2" in caplog.text and "line 3" in caplog.text
+    assert "line 2" in caplog.text
+    assert "line 3" in caplog.text
 
 
 def test_store_missing_file_reads_empty(tmp_path):

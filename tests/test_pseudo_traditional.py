@@ -29,10 +29,10 @@ def draw_image(path: pathlib.Path, seed: int) -> None:
 def posts(tmp_path) -> list[Post]:
     folder = tmp_path / "originals"
     folder.mkdir()
-    made = []
+    created = []
     for i in range(3):
         draw_image(folder / f"{i}.png", i)
-        made.append(
+        created.append(
             Post(
                 id=f"post{i}",
                 text=f"text {i}",
@@ -42,7 +42,7 @@ def posts(tmp_path) -> list[Post]:
                 split="train",
             )
         )
-    return made
+    return created
 
 
 def run(posts, output_dir, method, **overrides):
@@ -56,7 +56,8 @@ def test_deterministic_and_keeps_attributes(posts, tmp_path, method):
     summary = run(posts, first, method)
     run(list(reversed(posts)), second, method)
 
-    assert summary.done == 3 and not summary.failed
+    assert summary.done == 3
+    assert not summary.failed
     for post in posts:
         produced = np.asarray(Image.open(first / "images" / f"{post.id}.png"))
         again = np.asarray(Image.open(second / "images" / f"{post.id}.png"))

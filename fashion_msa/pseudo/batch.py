@@ -3,10 +3,11 @@
 The Batch API costs half the price of synchronous requests and returns within its
 completion window (24 h). Each submitted batch is logged to `batch/batches.jsonl`
 before polling starts, so a killed run resumes polling it instead of paying for
-the same requests again. Results go into the same store as streamed results. A
-reply cut at max_tokens, refused, filtered or unreadable gets one retry in a
-second batch; request errors (429, 5xx, 400) are recorded as failures, which
-`retry_failed` sends again on a later run.
+the same requests again. Results go into the same store as streamed results.
+
+A second batch retries, once, the replies that were cut at max_tokens, refused,
+filtered or unreadable, and the requests that failed with 429 or 5xx. Failures
+left after that are final. A later run with `retry_failed` sends them again.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def pending_batches(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _deserves_retry(record: dict[str, Any]) -> bool:
-    """Whether a first-round batch failure gets a second round."""
+    """Return whether a first-round batch failure is sent again in a second round."""
     if record["reason"] in (describe.RATE_LIMITED, describe.SERVER_ERROR):
         return True
     return record["reason"] in replies.RETRY_ONCE_REASONS and record["attempts"] < 2

@@ -43,6 +43,10 @@ TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 BAD_REQUEST = "bad_request"
 
+# A Retry-After longer than this is treated as this long, so that one bad header
+# cannot stall a run for hours.
+MAX_RETRY_AFTER_S = 600.0
+
 # Error statuses the openai client itself would retry (it runs with max_retries=0
 # here, so this module owns every retry and its log line).
 _RETRY_STATUSES = {408, 409, 429}
@@ -62,7 +66,8 @@ class DescribeConfig:
       request_timeout_s: limit on one request, from sending to the whole reply.
       max_attempts: attempts per post on transient errors before it fails.
       retry_base_delay_s: first backoff delay; it doubles per attempt.
-      retry_max_delay_s: cap on a backoff delay (Retry-After is honoured above it).
+      retry_max_delay_s: cap on a computed backoff delay; a server's Retry-After
+        is honoured above it, up to MAX_RETRY_AFTER_S.
       max_tokens: completion token budget of a request.
       temperature: sampling temperature.
       response_format: "auto" tries json_schema, then json_object, then plain
@@ -178,7 +183,7 @@ class ResponseFormatChooser:
 
 
 def _is_format_rejection(error: openai.APIStatusError) -> bool:
-    """Whether a 400 or 422 says the endpoint does not support the response_format."""
+    """Return whether a 400 or 422 means the endpoint lacks the response_format."""
     if getattr(error, "param", None) == "response_format":
         return True
     message = str(error.message).lower()
@@ -398,7 +403,7 @@ class _Describer:
 
     def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
-            return retry_after_s
+            return min(retry_after_s, MAX_RETRY_AFTER_S)
         delay = self.config.retry_base_delay_s * 2 ** (attempt - 1)
         # Up to 25 % jitter, so posts that failed together do not retry together.
         return min(delay, self.config.retry_max_delay_s) * (1 - 0.25 * random.random())
@@ -465,7 +470,7 @@ class DescribeJob:
 
 
 def is_unfinished(record: Mapping[str, Any]) -> bool:
-    """Whether a failed record awaits its one retry (written by batch round 1)."""
+    """Return whether a failed record awaits its one retry (set by batch round 1)."""
     return record.get("status") == "failed" and bool(record.get("retryable"))
 
 

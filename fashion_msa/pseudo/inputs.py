@@ -18,7 +18,7 @@ def load_input_posts(
 
     Args:
       source: one of `fashion_msa.data.importers.SOURCES`; "manifest" takes a
-        JSONL or CSV manifest file, or the folder that holds manifest.jsonl or
+        JSONL or CSV manifest file, or the folder that contains manifest.jsonl or
         manifest.csv.
       input_path: the manifest or the source folder.
       limit: keep only the first `limit` posts, in source order.

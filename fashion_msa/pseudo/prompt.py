@@ -13,8 +13,8 @@ import hashlib
 import json
 from typing import Any
 
-# Bump when the wording changes in a way the hash cannot see (it hashes the text,
-# so any edit below already changes it).
+# Bump when build_messages changes how a post becomes messages: the hash covers
+# the prompt texts and the schema below, not that code.
 PROMPT_VERSION = 1
 
 INSTRUCTIONS = (

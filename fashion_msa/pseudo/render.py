@@ -188,8 +188,8 @@ def truncate_prompt(tokenizer: Any, prompt: str) -> tuple[str, bool]:
     ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
     if len(ids) <= max_length:
         return prompt, False
-    kept = tokenizer.decode(ids[1 : max_length - 1], skip_special_tokens=True)
-    return kept.strip(), True
+    truncated = tokenizer.decode(ids[1 : max_length - 1], skip_special_tokens=True)
+    return truncated.strip(), True
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
@@ -224,8 +224,8 @@ def render_descriptions(
 
     descriptions = load_descriptions(output_dir)
     if ids is not None:
-        wanted = set(ids)
-        descriptions = {k: v for k, v in descriptions.items() if k in wanted}
+        selected = set(ids)
+        descriptions = {k: v for k, v in descriptions.items() if k in selected}
     summary = RunSummary(stage="render", total=len(descriptions))
 
     last_attempt = {

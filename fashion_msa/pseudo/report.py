@@ -78,7 +78,7 @@ def estimate_cost_usd(
 
 @dataclasses.dataclass
 class RunSummary:
-    """What one run of a stage did.
+    """Outcome of one run of a stage.
 
     Attributes:
       stage: describe, render, rotate, color or cutout.

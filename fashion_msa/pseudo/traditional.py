@@ -143,7 +143,7 @@ def _check_folder(
     others = {r.get("model") for r in records if r.get("status") == "ok"} - {method}
     if others:
         raise ValueError(
-            f"{path} already holds pseudo data from {sorted(map(str, others))}; "
+            f"{path} already contains pseudo data from {sorted(map(str, others))}; "
             f"write each generator to its own output folder"
         )
 
@@ -157,7 +157,7 @@ def generate_traditional(
     """Write a transformed copy of each post's image and its original attributes.
 
     Raises:
-      ValueError: the folder already holds pseudo data of another generator.
+      ValueError: the folder already contains pseudo data of another generator.
     """
     from tqdm import tqdm
 
