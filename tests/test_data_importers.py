@@ -505,7 +505,8 @@ def test_synthetic_text_alone_is_not_enough(tmp_path):
 
     # Image and attribute cues carry the label of posts whose text looks neutral.
     cues = collections.Counter(post.metadata["cue"] for post in posts)
-    assert cues["image"] > 100 and cues["attributes"] > 60
+    assert cues["image"] > 100
+    assert cues["attributes"] > 60
     for post in posts:
         if post.metadata["cue"] == "attributes":
             assert f"fit: {synthetic.FIT_BY_LABEL[post.label]}" in post.attributes

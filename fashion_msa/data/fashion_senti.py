@@ -1,8 +1,9 @@
 """Importer for the FashionSenti release layout (Yuan and Lam, 2022).
 
-The release itself is not public here, so this is the layout the importer
-expects, built from its file names; adapt a copy with a different structure
-into this one, or into a manifest.
+NOTE: the release itself was not available while this importer was written,
+so the layout below is an assumption built around the release's file names.
+A copy with a different structure can be rearranged into this layout or
+converted to a manifest.
 
   final_dict_train.pkl    one pickle per split (train, val, test; at least one
   final_dict_val.pkl      must exist). Each contains a dict from post id (str or

@@ -26,9 +26,9 @@ depend on the number of threads or workers.
 
 Training (`make_train_loader`): epoch e visits the split in the order of a
 permutation drawn from (seed, e), so the order is reproducible and changes
-every epoch. An epoch has floor(num_posts / global_batch_size) steps; the
-posts after the last full batch are left out of that epoch (a different
-remainder in each epoch). Every process computes the same global batch and
+every epoch. An epoch has floor(num_posts / global_batch_size) steps. The
+posts after the last full batch are left out of that epoch, and each epoch
+leaves out a different remainder. Every process computes the same global batch and
 takes its own contiguous slice, by `jax.process_index()`. The loader's
 iterator has grain's `get_state()` / `set_state()` for exact resumption.
 
@@ -57,7 +57,7 @@ TEXT_FIELDS = {
 
 
 class Tokenizer(Protocol):
-    """What the pipeline needs of `fashion_msa.clip.tokenizer.CLIPTextTokenizer`."""
+    """Tokenizer interface the pipeline calls, as `CLIPTextTokenizer` provides it."""
 
     max_length: int
 

@@ -11,7 +11,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 class SkipReason(enum.StrEnum):
-    """Why a post was left out of a build. Each value appears in build reports."""
+    """Reason a post was left out of a build, as build reports show it."""
 
     MALFORMED_RECORD = "malformed_record"
     MISSING_FIELD = "missing_field"
@@ -31,7 +31,7 @@ class SkipReason(enum.StrEnum):
 
 
 class DropReason(enum.StrEnum):
-    """Why a source's own rules exclude a valid post (not an input error)."""
+    """Reason a source's own rules exclude a valid post (not an input error)."""
 
     LABEL_CONFLICT = "label_conflict"
 

@@ -71,7 +71,7 @@ class BuildReport:
         return result
 
     def format_text(self, max_listed: int | None = None) -> str:
-        """A readable report; `max_listed` limits the skipped posts listed."""
+        """Format the report as text, listing at most `max_listed` problems per kind."""
         total = sum(self.split_sizes.values())
         lines = [
             f"Dataset {self.source} built in {self.build_seconds:.1f} s: "

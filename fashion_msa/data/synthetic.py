@@ -108,7 +108,7 @@ class _Garment:
 
 
 def _garment_outline(category: str, size: int) -> list[list[tuple[float, float]]]:
-    """Polygons (in pixels) whose union is the garment's silhouette."""
+    """Return polygons (in pixels) whose union is the garment's silhouette."""
     unit = {
         "dress": [
             [
@@ -155,7 +155,7 @@ def _garment_outline(category: str, size: int) -> list[list[tuple[float, float]]
 def _pattern_layer(
     pattern: str, colour: tuple[int, int, int], size: int, rng: np.random.Generator
 ) -> Image.Image:
-    """A full-canvas texture in the garment's colour and a darker shade of it."""
+    """Draw a full-canvas texture in the garment's colour and a darker shade of it."""
     shade = tuple(int(channel * 0.55) for channel in colour)
     layer = Image.new("RGB", (size, size), colour)
     draw = ImageDraw.Draw(layer)
