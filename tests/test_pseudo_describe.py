@@ -21,7 +21,7 @@ from fake_openai_server import FakeOpenAIServer
 from PIL import Image
 
 from fashion_msa.data.posts import Post
-from fashion_msa.pseudo import batch, describe, prompt, report
+from fashion_msa.pseudo import batch, describe, layout, prompt, report
 from fashion_msa.pseudo.store import JsonlLog, read_jsonl
 
 API_KEY = "sk-test-4f9c2e1d8b7a6e5f-never-stored"
@@ -73,7 +73,7 @@ def fast_config(server: FakeOpenAIServer, **overrides) -> describe.DescribeConfi
 
 
 def final_records(output_dir: pathlib.Path) -> dict[str, dict]:
-    return {r["id"]: r for r in read_jsonl(output_dir / describe.DESCRIPTIONS_FILE)}
+    return {r["id"]: r for r in read_jsonl(output_dir / layout.DESCRIPTIONS_FILE)}
 
 
 @pytest.fixture
@@ -130,12 +130,12 @@ def test_rerun_sends_nothing_for_finished(server, tmp_path):
     posts = fault_posts()
     describe.describe_posts(posts, tmp_path, fast_config(server), False)
     sent = len(server.chat_requests)
-    lines = len(read_jsonl(tmp_path / describe.DESCRIPTIONS_FILE))
+    lines = len(read_jsonl(tmp_path / layout.DESCRIPTIONS_FILE))
 
     summary = describe.describe_posts(posts, tmp_path, fast_config(server), False)
 
     assert len(server.chat_requests) == sent
-    assert len(read_jsonl(tmp_path / describe.DESCRIPTIONS_FILE)) == lines
+    assert len(read_jsonl(tmp_path / layout.DESCRIPTIONS_FILE)) == lines
     assert summary.skipped == {"already_done": 7, "failed_before": 4}
     assert summary.done == 0
 
@@ -164,7 +164,7 @@ def test_new_model_or_prompt_is_a_new_key(server, tmp_path):
         posts, tmp_path, fast_config(server, model="gpt-4o"), False
     )
     assert summary.done == 2
-    models = [r["model"] for r in read_jsonl(tmp_path / describe.DESCRIPTIONS_FILE)]
+    models = [r["model"] for r in read_jsonl(tmp_path / layout.DESCRIPTIONS_FILE)]
     assert sorted(models) == ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
 
 
@@ -206,7 +206,7 @@ def test_wrong_key_stops_the_run(server, tmp_path, monkeypatch):
             [make_post(str(i)) for i in range(5)], tmp_path, fast_config(server), False
         )
     assert server.unauthorized_requests >= 1
-    assert read_jsonl(tmp_path / describe.DESCRIPTIONS_FILE) == []
+    assert read_jsonl(tmp_path / layout.DESCRIPTIONS_FILE) == []
 
 
 def test_format_falls_back_to_text(tmp_path, monkeypatch):
@@ -263,7 +263,7 @@ def test_rate_limiter_spaces_requests(server, tmp_path):
 def test_torn_line_is_cut_and_the_post_resent(server, tmp_path, caplog):
     posts = [make_post("a"), make_post("b")]
     describe.describe_posts(posts[:1], tmp_path, fast_config(server), False)
-    store = tmp_path / describe.DESCRIPTIONS_FILE
+    store = tmp_path / layout.DESCRIPTIONS_FILE
     with open(store, "ab") as handle:
         handle.write(b'{"id": "b", "status": "ok", "image_descr')  # A torn write.
 
@@ -316,7 +316,7 @@ def test_batch_resumes_without_resubmitting(server, tmp_path):
         client = describe.make_client(config)
         try:
             with (
-                JsonlLog(tmp_path / describe.DESCRIPTIONS_FILE) as store,
+                JsonlLog(tmp_path / layout.DESCRIPTIONS_FILE) as store,
                 JsonlLog(tmp_path / "batch" / batch.BATCH_EVENTS_FILE) as events,
             ):
                 run = batch._BatchRun(
@@ -379,7 +379,7 @@ def test_cli_killed_and_rerun(tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
     manifest = write_manifest(tmp_path / "posts", 40)
     output_dir = tmp_path / "pseudo"
-    store = output_dir / describe.DESCRIPTIONS_FILE
+    store = output_dir / layout.DESCRIPTIONS_FILE
     with FakeOpenAIServer(api_key=API_KEY, retry_after_s=0.2) as server:
         command = cli_command(manifest, output_dir, server.base_url)
         process = subprocess.Popen(

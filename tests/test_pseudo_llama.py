@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 
 from fashion_msa.data.posts import Post
-from fashion_msa.pseudo import describe, replies
+from fashion_msa.pseudo import describe, layout, replies
 from fashion_msa.pseudo.store import read_jsonl
 
 KNOWN_REASONS = {
@@ -114,7 +114,7 @@ def test_describe_with_smollm2(tmp_path, monkeypatch):
             temperature=0.2,
         )
         summary = describe.describe_posts(posts, tmp_path / "out", config, False)
-        records = read_jsonl(tmp_path / "out" / describe.DESCRIPTIONS_FILE)
+        records = read_jsonl(tmp_path / "out" / layout.DESCRIPTIONS_FILE)
     finally:
         process.terminate()
         process.wait(timeout=30)

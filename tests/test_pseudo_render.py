@@ -36,7 +36,7 @@ from transformers import (
 from fashion_msa.clip.tokenizer import build_vocab_files
 from fashion_msa.data.pseudo_join import load_pseudo
 from fashion_msa.pseudo import render
-from fashion_msa.pseudo.describe import DESCRIPTIONS_FILE
+from fashion_msa.pseudo.layout import DESCRIPTIONS_FILE, IMAGES_LOG
 from fashion_msa.pseudo.store import JsonlLog, read_jsonl
 
 IMAGE_SIDE = 16
@@ -205,7 +205,7 @@ def test_render_writes_images_and_log(pipelines, tmp_path):
         image = Image.open(tmp_path / "images" / f"{post_id}.png")
         assert image.size == (IMAGE_SIDE, IMAGE_SIDE)
         assert image.mode == "RGB"
-    log = {r["id"]: r for r in read_jsonl(tmp_path / render.IMAGES_LOG)}
+    log = {r["id"]: r for r in read_jsonl(tmp_path / IMAGES_LOG)}
     assert log["a"]["seed"] == render.derive_seed("a", 7)
     assert log["a"]["model"] == str(pipelines["checked"])
     assert log["a"]["steps"] == 2
@@ -278,7 +278,7 @@ def test_rerun_logs_image_without_log_line(pipelines, tmp_path):
         tmp_path, tiny_config(tmp_path / "unused"), progress=False
     )
     assert summary.skipped == {"already_done": 1}
-    assert read_jsonl(tmp_path / render.IMAGES_LOG)[0]["status"] == "ok"
+    assert read_jsonl(tmp_path / IMAGES_LOG)[0]["status"] == "ok"
 
 
 @pytest.mark.parametrize(
@@ -293,7 +293,7 @@ def test_broken_output_is_a_failure(pipelines, tmp_path, variant, reason):
     assert summary.failed == {reason: 2}
     assert summary.done == 0
     assert not list((tmp_path / "images").glob("*.png"))
-    log = read_jsonl(tmp_path / render.IMAGES_LOG)
+    log = read_jsonl(tmp_path / IMAGES_LOG)
     assert [(r["status"], r["reason"]) for r in log] == [("failed", reason)] * 2
     assert all(r["safety_checker"] is False for r in log)
 
@@ -352,5 +352,5 @@ def test_cli_renders_and_prints_summary(pipelines, tmp_path):
     assert "stage render: 1 items, 1 done now" in result.stdout
     assert "safety_checker: OFF" in result.stdout
     assert (tmp_path / "images" / "a.png").is_file()
-    log = read_jsonl(tmp_path / render.IMAGES_LOG)
+    log = read_jsonl(tmp_path / IMAGES_LOG)
     assert json.dumps(log[0]["safety_checker"]) == "false"

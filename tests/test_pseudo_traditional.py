@@ -13,8 +13,7 @@ from PIL import Image
 from fashion_msa.data.posts import Post
 from fashion_msa.data.pseudo_join import load_pseudo
 from fashion_msa.pseudo import traditional
-from fashion_msa.pseudo.describe import DESCRIPTIONS_FILE
-from fashion_msa.pseudo.render import IMAGES_LOG
+from fashion_msa.pseudo.layout import DESCRIPTIONS_FILE, IMAGES_LOG
 from fashion_msa.pseudo.store import read_jsonl
 
 

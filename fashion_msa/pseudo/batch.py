@@ -28,10 +28,10 @@ from openai.types.chat import ChatCompletion
 from fashion_msa.data.posts import Post
 from fashion_msa.pseudo import describe, replies
 from fashion_msa.pseudo import prompt as prompt_lib
+from fashion_msa.pseudo.layout import BATCH_DIR, DESCRIPTIONS_FILE
 from fashion_msa.pseudo.report import RunSummary, Usage
 from fashion_msa.pseudo.store import JsonlLog, read_jsonl
 
-BATCH_DIR = "batch"
 BATCH_EVENTS_FILE = "batches.jsonl"
 ENDPOINT = "/v1/chat/completions"
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -315,7 +315,7 @@ async def run_batch_mode(
     """
     batch_dir = output_dir / BATCH_DIR
     batch_dir.mkdir(parents=True, exist_ok=True)
-    store_path = output_dir / describe.DESCRIPTIONS_FILE
+    store_path = output_dir / DESCRIPTIONS_FILE
     with (
         JsonlLog(store_path) as store,
         JsonlLog(batch_dir / BATCH_EVENTS_FILE) as events,

@@ -30,10 +30,10 @@ from absl import logging
 from fashion_msa.data.posts import Post
 from fashion_msa.pseudo import prompt as prompt_lib
 from fashion_msa.pseudo import replies
+from fashion_msa.pseudo.layout import DESCRIPTIONS_FILE
 from fashion_msa.pseudo.report import RunSummary, Usage, estimate_cost_usd, lookup_price
 from fashion_msa.pseudo.store import JsonlLog, read_jsonl
 
-DESCRIPTIONS_FILE = "descriptions.jsonl"
 FORMAT_ORDER = ("json_schema", "json_object", "text")
 
 # Transport failure reasons, recorded when every attempt failed.

@@ -21,13 +21,11 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from fashion_msa.pseudo.describe import DESCRIPTIONS_FILE
+from fashion_msa.pseudo.layout import DESCRIPTIONS_FILE, IMAGES_DIR, IMAGES_LOG
 from fashion_msa.pseudo.report import RunSummary
 from fashion_msa.pseudo.store import JsonlLog, read_jsonl
 
 DEFAULT_SD_MODEL = "runwayml/stable-diffusion-v1-5"
-IMAGES_DIR = "images"
-IMAGES_LOG = "images.jsonl"
 # An image whose brightest uint8 value is at most this is treated as blank: the
 # safety checker returns exact zeros, and a broken VAE returns near-black.
 BLACK_MAX_VALUE = 3

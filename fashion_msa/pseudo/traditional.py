@@ -23,14 +23,9 @@ from PIL import Image, ImageEnhance
 
 from fashion_msa.clip.image_processing import CLIP_MEAN, ImageDecodeError, decode_image
 from fashion_msa.data.posts import Post
-from fashion_msa.pseudo.describe import DESCRIPTIONS_FILE
 from fashion_msa.pseudo.inputs import parse_attributes
-from fashion_msa.pseudo.render import (
-    IMAGES_DIR,
-    IMAGES_LOG,
-    derive_seed,
-    write_png_atomically,
-)
+from fashion_msa.pseudo.layout import DESCRIPTIONS_FILE, IMAGES_DIR, IMAGES_LOG
+from fashion_msa.pseudo.render import derive_seed, write_png_atomically
 from fashion_msa.pseudo.report import RunSummary
 from fashion_msa.pseudo.store import JsonlLog, read_jsonl
 
