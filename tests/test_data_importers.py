@@ -8,7 +8,6 @@ import os
 import pathlib
 import pickle
 import re
-import time
 
 import pytest
 from PIL import Image
@@ -346,11 +345,14 @@ def test_merge_labels(text_label, image_label, merged):
     assert merge_labels(text_label, image_label) == merged
 
 
-def test_decode_text_falls_back_to_windows_1252():
-    assert decode_text("café\r\n".encode()) == ("café", False)
-    assert decode_text(b"caf\xe9 \x93hi\x94") == ("café “hi”", True)
+def test_decode_text_fallbacks():
+    assert decode_text("café\r\n".encode()) == ("café", "utf-8")
+    # GB18030 bytes as they occur in MVSA-Single: quotation marks and Japanese.
+    assert decode_text(b"\xa1\xb0hi\xa1\xb1") == ("“hi”", "gb18030")
+    assert decode_text("だいぶ眠い".encode("gb18030")) == ("だいぶ眠い", "gb18030")
+    assert decode_text(b"caf\xe9 \x93hi\x94") == ("café “hi”", "cp1252")
     # 0x81 is undefined in Python's cp1252; browsers map it to U+0081.
-    assert decode_text(b"\x81x") == ("\x81x", True)
+    assert decode_text(b"\x81") == ("\x81", "cp1252")
 
 
 def write_mvsa(root: pathlib.Path, with_test_split: bool) -> pathlib.Path:
@@ -417,19 +419,17 @@ def test_mvsa_without_split_files(tmp_path):
 
 
 def test_mvsa_shared_copy_counts(mvsa_dir):
-    start = time.perf_counter()
     result = importers.load_posts("mvsa_single", mvsa_dir)
-    seconds = time.perf_counter() - start
 
     assert result.counts["posts_train"] == 2706
     assert result.counts["posts_val"] == 902
     assert result.counts["posts_test"] == 0
     assert result.counts["conflicts"] == 358
     assert result.skipped == []
-    assert result.counts["cp1252_texts"] > 0
-    # Reading 3,966 label rows and texts takes about 1 s on 2 cores; 30 s
-    # would mean something quadratic crept in.
-    assert seconds < 30
+    # Every non-UTF-8 tweet of the shared copy is GB18030; none needs cp1252.
+    assert result.counts["utf8_texts"] == 2758
+    assert result.counts["gb18030_texts"] == 850
+    assert result.counts["cp1252_texts"] == 0
 
 
 # Synthetic.

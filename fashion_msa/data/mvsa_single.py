@@ -5,7 +5,8 @@ Expected layout under the input folder:
   labelResultAll.txt   tab-separated, header "ID<TAB>text,image", then one row
                        per post: the post id and its text and image labels,
                        e.g. "12<TAB>neutral,positive".
-  data/{id}.txt        the tweet text, UTF-8 or cp1252, CRLF line endings.
+  data/{id}.txt        the tweet text, UTF-8 or a legacy encoding, CRLF line
+                       endings.
   data/{id}.jpg        the tweet image.
   splits/{split}.txt   post ids of each split (train, val, optionally test),
                        one per line.
@@ -50,8 +51,6 @@ def merge_labels(text_label: str, image_label: str) -> str | None:
 # Windows-1252 as web browsers decode it (WHATWG Encoding Standard): the five
 # bytes that Python's cp1252 leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) map
 # to the C1 control characters of the same code point, so decoding never fails.
-# A few MVSA-Single tweets contain such bytes: Japanese text in another legacy
-# encoding, which no single-byte decoding restores.
 _CP1252_UNDEFINED = frozenset({0x81, 0x8D, 0x8F, 0x90, 0x9D})
 _CP1252_FROM_LATIN1 = {
     byte: bytes([byte]).decode("cp1252")
@@ -59,18 +58,31 @@ _CP1252_FROM_LATIN1 = {
     if byte not in _CP1252_UNDEFINED
 }
 
+# The order in which tweet bytes are tried. The shared MVSA-Single copy has
+# 3,046 UTF-8 texts and 920 that are not; all 920 decode strictly as GB18030
+# and then read correctly (b"\xa1\xb0" is a left double quotation mark, and
+# eight of them are Japanese), while as cp1252 they become mojibake such as
+# "\u00a1\u00b0". GB18030 is strict about its trail bytes, so typical Latin-1
+# text ("caf\xe9 ") fails it and reaches the Windows-1252 fallback.
+TEXT_ENCODINGS = ("utf-8", "gb18030", "cp1252")
 
-def decode_text(data: bytes) -> tuple[str, bool]:
-    """Decode a tweet as UTF-8, else as Windows-1252.
 
-    Returns the text and whether the Windows-1252 fallback was used. Line
-    endings become "\\n" and surrounding whitespace is stripped.
+def decode_text(data: bytes) -> tuple[str, str]:
+    """Decode a tweet as UTF-8, else GB18030, else Windows-1252.
+
+    Returns the text and the encoding that decoded it (one of TEXT_ENCODINGS).
+    Windows-1252 never fails, so no text is lost. Line endings become "\\n" and
+    surrounding whitespace is stripped.
     """
     try:
-        text, used_cp1252 = data.decode("utf-8-sig"), False
+        text, encoding = data.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError:
-        text, used_cp1252 = data.decode("latin-1").translate(_CP1252_FROM_LATIN1), True
-    return text.replace("\r\n", "\n").replace("\r", "\n").strip(), used_cp1252
+        try:
+            text, encoding = data.decode("gb18030"), "gb18030"
+        except UnicodeDecodeError:
+            text = data.decode("latin-1").translate(_CP1252_FROM_LATIN1)
+            encoding = "cp1252"
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip(), encoding
 
 
 def _read_label_file(
@@ -155,7 +167,7 @@ def import_mvsa_single(
 
     posts: list[Post] = []
     dropped: list[Skip] = []
-    cp1252_texts = 0
+    texts_by_encoding = dict.fromkeys(TEXT_ENCODINGS, 0)
     labelled = set()
     for post_id, text_label, image_label in rows:
         labelled.add(post_id)
@@ -187,7 +199,7 @@ def import_mvsa_single(
 
         try:
             text_path = resolve_inside(root, f"data/{post_id}.txt")
-            text, used_cp1252 = decode_text(text_path.read_bytes())
+            text, encoding = decode_text(text_path.read_bytes())
         except PathOutsideInputError as error:
             skipped.append(Skip(post_id, SkipReason.PATH_OUTSIDE_INPUT, str(error)))
             continue
@@ -196,7 +208,7 @@ def import_mvsa_single(
                 Skip(post_id, SkipReason.MISSING_TEXT, f"data/{post_id}.txt not found")
             )
             continue
-        cp1252_texts += used_cp1252
+        texts_by_encoding[encoding] += 1
 
         image_path = check_image_path(root, f"data/{post_id}.jpg", post_id)
         if isinstance(image_path, Skip):
@@ -227,7 +239,10 @@ def import_mvsa_single(
     counts = {
         "labelled": len(rows),
         "conflicts": len(dropped),
-        "cp1252_texts": cp1252_texts,
+        **{
+            f"{name.replace('-', '')}_texts": count
+            for name, count in texts_by_encoding.items()
+        },
         "posts": len(posts),
         "skipped": len(skipped),
     }

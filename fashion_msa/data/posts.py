@@ -83,7 +83,7 @@ class ImportResult:
     Attributes:
       posts: the posts to build, in source order.
       skipped: posts rejected as bad input (each one fails a strict build).
-      counts: source-specific tallies, e.g. `conflicts` or `cp1252_texts`.
+      counts: source-specific tallies, e.g. `conflicts` or `gb18030_texts`.
       dropped: valid posts that the source's own rules exclude, such as MVSA
         posts whose text and image labels conflict. They never fail a build.
     """

@@ -25,7 +25,7 @@ class BuildReport:
       max_pixels: the pixel limit applied to every image.
       split_sizes: posts written per split.
       pseudo_sizes: posts written with pseudo data, per split.
-      import_counts: the importer's counts (e.g. conflicts, cp1252_texts).
+      import_counts: the importer's counts (e.g. conflicts, gb18030_texts).
       skipped: posts left out as bad input, with reasons.
       dropped: posts the source's rules exclude (e.g. MVSA label conflicts).
       pseudo_counts: counts from the pseudo-data folder and the join.
