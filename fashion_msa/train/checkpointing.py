@@ -13,6 +13,7 @@ Checkpoint step numbers are global steps: pre-training steps first, then
 fine-tuning steps, so the two stages never collide.
 """
 
+import logging as std_logging
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,22 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 BEST_METRIC = "val_macro_f1"
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Drop orbax's INFO records (a dozen lines per save); keep its warnings."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or (
+            "/orbax/" not in record.pathname.replace("\\", "/")
+        )
+
+
+def quiet_orbax_logging() -> None:
+    """Hide orbax's per-save INFO logs in this process (warnings still show)."""
+    logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxInfoFilter) for f in logger.filters):
+        logger.addFilter(_OrbaxInfoFilter())
 
 
 class RunCheckpoints:
@@ -54,7 +71,7 @@ class RunCheckpoints:
                 create=not read_only,
                 read_only=read_only,
             ),
-            item_names=("params", "metrics"),
+            item_names=("params", "validation"),
         )
 
     # Latest train state.
@@ -102,7 +119,7 @@ class RunCheckpoints:
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
-                metrics=ocp.args.JsonSave(dict(metrics)),
+                validation=ocp.args.JsonSave(dict(metrics)),
             ),
             metrics={BEST_METRIC: float(metrics[BEST_METRIC])},
             force=True,
@@ -128,10 +145,10 @@ class RunCheckpoints:
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
-                metrics=ocp.args.JsonRestore(),
+                validation=ocp.args.JsonRestore(),
             ),
         )
-        return step, restored["params"], dict(restored["metrics"])
+        return step, restored["params"], dict(restored["validation"])
 
     def wait_until_finished(self) -> None:
         """Block until pending asynchronous saves are on disk."""
