@@ -270,6 +270,17 @@ def test_rerun_skips_without_loading(pipelines, tmp_path):
     assert [os.stat(path).st_mtime_ns for path in images] == stamps
 
 
+def test_ids_without_description_are_skipped(tmp_path):
+    write_descriptions(tmp_path, {"a": DESCRIPTIONS["a"]})
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(tmp_path / "images" / "a.png")
+    summary = render.render_descriptions(
+        tmp_path, tiny_config(tmp_path / "unused"), ids=["a", "x"], progress=False
+    )
+    assert summary.total == 2
+    assert summary.skipped == {"already_done": 1, "no_description": 1}
+
+
 def test_rerun_logs_image_without_log_line(pipelines, tmp_path):
     write_descriptions(tmp_path, {"a": DESCRIPTIONS["a"]})
     (tmp_path / "images").mkdir()

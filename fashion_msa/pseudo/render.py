@@ -207,7 +207,8 @@ def render_descriptions(
     Args:
       output_dir: the pseudo-data folder with descriptions.jsonl.
       config: render settings.
-      ids: render only these post ids (default: every described post).
+      ids: render only these post ids (default: every described post). Ids
+        without an "ok" description are counted as skipped.
       pipeline: an already loaded pipeline; by default `load_pipeline(config)`.
       progress: show a progress bar.
     """
@@ -221,10 +222,14 @@ def render_descriptions(
         stale.unlink()  # Left by a run killed while writing; never a whole image.
 
     descriptions = load_descriptions(output_dir)
-    if ids is not None:
-        selected = set(ids)
-        descriptions = {k: v for k, v in descriptions.items() if k in selected}
     summary = RunSummary(stage="render", total=len(descriptions))
+    if ids is not None:
+        selected = list(dict.fromkeys(ids))
+        summary.total = len(selected)
+        undescribed = sum(i not in descriptions for i in selected)
+        if undescribed:
+            summary.skipped["no_description"] = undescribed
+        descriptions = {i: descriptions[i] for i in selected if i in descriptions}
 
     last_attempt = {
         r["id"]: r for r in read_jsonl(output_dir / IMAGES_LOG) if "id" in r
