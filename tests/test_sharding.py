@@ -34,10 +34,16 @@ SCRIPT = textwrap.dedent(
     model = msa.FashionMSA(
         CLIP_CONFIG, msa.ModelConfig(hidden_dim=HIDDEN, adapter_hidden_dim=HIDDEN)
     )
-    params = msa.init_params(model, jax.random.key(0))
+    # Host copies: each run's state is donated to its step, which frees its buffers.
+    params = jax.device_get(msa.init_params(model, jax.random.key(0)))
     batch = random_batch(seed=1, batch_size=8)
+    # Adam's first update is lr * g / (|g| + eps): with the default eps=1e-8 it
+    # is about lr * sign(g), which turns last-bit differences of near-zero
+    # gradients into differences of size lr. eps=1e-3 keeps the update
+    # proportional to small gradients, so the comparison sees the gradients.
     config = optimizer.OptimizerConfig(
-        tower_learning_rate=1e-3, head_learning_rate=1e-3, warmup_fraction=0.0
+        tower_learning_rate=1e-3, head_learning_rate=1e-3, warmup_fraction=0.0,
+        eps=1e-3,
     )
     report = {}
     for stage, step_fn in (
@@ -67,8 +73,9 @@ SCRIPT = textwrap.dedent(
             "loss_1": float(metrics_1["loss"]),
             "loss_4": float(metrics_4["loss"]),
             "max_param_diff": param_diff,
-            "param_sharding": str(
-                jax.tree.leaves(state.params)[0].sharding.spec
+            "params_replicated": all(
+                x.sharding.is_fully_replicated and len(x.sharding.device_set) == 4
+                for x in jax.tree.leaves(state.params)
             ),
         }
 
@@ -119,11 +126,11 @@ def test_four_devices_match_one(report, stage):
     # Splitting the batch changes the order of the float32 sums in the loss and
     # in the gradient all-reduce, which moves values in the last few bits.
     np.testing.assert_allclose(result["loss_4"], result["loss_1"], rtol=1e-5)
-    # One AdamW step at learning rate 1e-3 moves a parameter by at most about
-    # 1e-3; the bound below is 1% of that, far above rounding noise and far
-    # below any real disagreement in the gradient.
-    assert result["max_param_diff"] < 1e-5, result
-    assert result["param_sharding"] == "PartitionSpec()"
+    # One AdamW step at learning rate 1e-3 moves a parameter by at most 1e-3.
+    # The bound is 0.1% of that: above float32 rounding of the gradient sums,
+    # far below the effect of any gradient computed on the wrong rows.
+    assert result["max_param_diff"] < 1e-6, result
+    assert result["params_replicated"]
 
 
 def test_eval_confusion_same_on_four_devices(report):
