@@ -90,8 +90,11 @@ class FakeOpenAIServer:
       fault_rates: probability of each fault for messages without a marker.
       retry_after_s: value of the Retry-After header sent with 429.
       hang_s: how long a hung request waits before its reply, in seconds.
-      response_formats: response_format types accepted. Others get a 400 that
-        names `response_format`, as endpoints without structured output respond.
+      response_formats: response_format types accepted. Others get an error
+        that names `response_format`, as endpoints without structured output
+        respond.
+      format_rejection_status: HTTP status of that error: 400 as OpenAI and
+        vLLM send, or 500 as llama-cpp-python's server sends.
       batch_polls_to_complete: batch retrievals before a batch reports completed.
     """
 
@@ -105,6 +108,7 @@ class FakeOpenAIServer:
         hang_s: float = 5.0,
         response_formats: Sequence[str] = ALL_RESPONSE_FORMATS,
         batch_polls_to_complete: int = 2,
+        format_rejection_status: int = 400,
         port: int = 0,
     ):
         unknown = set(fault_rates or {}) - set(FAULTS)
@@ -117,6 +121,7 @@ class FakeOpenAIServer:
         self.hang_s = hang_s
         self.response_formats = tuple(response_formats)
         self.batch_polls_to_complete = batch_polls_to_complete
+        self.format_rejection_status = format_rejection_status
         self.chat_requests: list[ChatRequestRecord] = []
         self.unauthorized_requests = 0
         self._port = port
@@ -240,9 +245,9 @@ class FakeOpenAIServer:
             )
 
         if response_format not in self.response_formats:
-            record(400)
+            record(self.format_rejection_status)
             return _error_reply(
-                400,
+                self.format_rejection_status,
                 f"response_format of type '{response_format}' is not supported",
                 "invalid_request_error",
                 param="response_format",

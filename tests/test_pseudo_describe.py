@@ -226,6 +226,24 @@ def test_format_falls_back_to_text(tmp_path, monkeypatch):
     assert len(sent_as_text) == 12
 
 
+def test_format_falls_back_after_500(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    with FakeOpenAIServer(
+        api_key=API_KEY,
+        response_formats=("json_object", "text"),
+        format_rejection_status=500,
+    ) as server:
+        config = fast_config(server, concurrency=1)
+        summary = describe.describe_posts(
+            [make_post("a"), make_post("b")], tmp_path, config, False
+        )
+        statuses = [r.status for r in server.chat_requests]
+    assert summary.done == 2
+    assert summary.notes["response_format"] == "json_object"
+    assert statuses == [500, 200, 200]
+    assert not summary.retries
+
+
 def test_forced_format_is_not_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     with FakeOpenAIServer(api_key=API_KEY, response_formats=("text",)) as server:

@@ -54,6 +54,18 @@ def test_parse_reply_normalises_attributes():
     }
 
 
+def test_parse_reply_drops_placeholder_attributes():
+    text = json.dumps(
+        {
+            "image_description": "A candle <brand> ad.",
+            "attributes": {"<name>": "Bangor", "color": "<value>", "style": "cozy"},
+        }
+    )
+    parsed = replies.parse_reply(text)
+    assert parsed.image_description == "A candle <brand> ad."
+    assert parsed.attributes == {"style": "cozy"}
+
+
 def test_parse_reply_accepts_name_value_pairs():
     text = json.dumps(
         {
@@ -77,6 +89,7 @@ def test_parse_reply_accepts_name_value_pairs():
         ('{"image_description": "x", "attributes": {"a": {"b": "c"}}}', "not a string"),
         ('{"image_description": "x", "attributes": [1, 2]}', "name/value pairs"),
         ('{"image_description": "A dress", "attributes": {"color": "re', "no JSON"),
+        ('{"image_description": "<the description>", "attributes": {}}', "template"),
     ],
 )
 def test_parse_reply_rejects_unusable(text, detail):

@@ -183,7 +183,7 @@ class ResponseFormatChooser:
 
 
 def _is_format_rejection(error: openai.APIStatusError) -> bool:
-    """Return whether a 400 or 422 means the endpoint lacks the response_format."""
+    """Return whether an error response says the endpoint lacks the response_format."""
     if getattr(error, "param", None) == "response_format":
         return True
     message = str(error.message).lower()
@@ -372,6 +372,11 @@ class _Describer:
                     f"({_error_text(error)}). Check --model and --base_url."
                 ) from None
             except openai.APIStatusError as error:
+                # llama-cpp-python's server rejects json_schema with a 500 whose
+                # message names the response_format field.
+                if _is_format_rejection(error) and self.formats.reject(response_format):
+                    attempt -= 1
+                    continue
                 status = error.status_code
                 if status < 500 and status not in _RETRY_STATUSES:
                     raise _RequestFailed(

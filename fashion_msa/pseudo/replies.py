@@ -20,6 +20,8 @@ INVALID_REPLY = "invalid_reply"
 RETRY_ONCE_REASONS = frozenset({LENGTH, REFUSAL, CONTENT_FILTER, INVALID_REPLY})
 
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
+# Small models copy the prompt's template, e.g. "<the description>" or "<name>".
+_PLACEHOLDER = re.compile(r"^<[^<>]*>$")
 
 
 class ReplyError(ValueError):
@@ -75,7 +77,9 @@ def validate_reply(obj: dict[str, Any]) -> PseudoDescription:
     Whitespace in the description is collapsed. Attribute values may be strings,
     numbers or booleans (converted to strings) or lists of those (joined with
     ", "); nested objects are rejected. Attributes may also come as a list of
-    {"name": ..., "value": ...} pairs. Empty names or values are dropped. Because
+    {"name": ..., "value": ...} pairs. A description that is only a template
+    placeholder such as "<the description>" is rejected, and attributes with
+    empty or placeholder names or values are dropped. Because
     the dataset stores attributes as "name: value; name: value", ';' becomes ','
     everywhere and ':' becomes ',' in names.
     """
@@ -83,6 +87,8 @@ def validate_reply(obj: dict[str, Any]) -> PseudoDescription:
     if not isinstance(description, str) or not description.strip():
         raise ReplyError(INVALID_REPLY, "'image_description' is not a non-empty string")
     description = " ".join(description.split())
+    if _PLACEHOLDER.match(description):
+        raise ReplyError(INVALID_REPLY, f"template placeholder {description!r}")
 
     raw = obj.get("attributes", {})
     if raw is None:
@@ -99,7 +105,8 @@ def validate_reply(obj: dict[str, Any]) -> PseudoDescription:
             raise ReplyError(INVALID_REPLY, f"attribute {name!r} is not a string")
         name = _clean(str(name).replace(":", ","))
         text = _clean(text)
-        if name and text:
+        placeholder = _PLACEHOLDER.match(name) or _PLACEHOLDER.match(text)
+        if name and text and not placeholder:
             attributes[name] = text
     return PseudoDescription(description, attributes)
 
