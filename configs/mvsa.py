@@ -4,7 +4,7 @@ MVSA-Single (Niu et al., MMM 2016) has no fashion attributes: every attribute
 string is empty. Without a pseudo-data folder no post has pseudo data, so the
 model masks the pseudo branch (F_P' = 0) and adapter pre-training is skipped.
 The shared copy has train and val splits only, so the best checkpoint is
-chosen on val and val is also what is reported; that number is optimistic.
+chosen on val and val is also the reported split. That number is optimistic.
 
 No pretrained CLIP can be downloaded here, so the towers are the "tiny" preset,
 randomly initialised. With real weights, set

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
     # Adam's first update is lr * g / (|g| + eps): with the default eps=1e-8 it
     # is about lr * sign(g), which turns last-bit differences of near-zero
     # gradients into differences of size lr. eps=1e-3 keeps the update
-    # proportional to small gradients, so the comparison sees the gradients.
+    # proportional to small gradients, so the comparison measures the gradients.
     config = optimizer.OptimizerConfig(
         tower_learning_rate=1e-3, head_learning_rate=1e-3, warmup_fraction=0.0,
         eps=1e-3,

@@ -1,11 +1,11 @@
 """The self-adaptive adapter: a Siamese network that compares original and pseudo data.
 
-Zhao et al. (COLING 2025, section 3.4, figure 4): a shared two-layer MLP `g` maps
-the original image feature `F_ori` and the pseudo image feature `F_P`; a fusion
-network reads `[u, v, |u - v|, u * v]` and ends in a sigmoid, giving the
-similarity feature `Sim` in (0, 1)^d that gates `F_P`. A consistency head
-`Dense(1)(Sim)` gives the logit that adapter pre-training trains with binary
-cross-entropy (same sentiment or not).
+Zhao et al. (COLING 2025, section 3.4, figure 4) describe it. A shared two-layer
+MLP `g` maps the original image feature `F_ori` to u and the pseudo image
+feature `F_P` to v. A fusion network reads `[u, v, |u - v|, u * v]` and ends in
+a sigmoid, which gives the similarity feature `Sim` in (0, 1)^d that gates
+`F_P`. A consistency head `Dense(1)(Sim)` gives the logit that adapter
+pre-training trains with binary cross-entropy (same sentiment or not).
 """
 
 import jax

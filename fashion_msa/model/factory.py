@@ -1,8 +1,8 @@
 """Build a FashionMSA model and its parameters from an ml_collections `config.model`.
 
 `config.model.clip.checkpoint` names a Hugging Face CLIP checkpoint directory
-whose config and weights initialise the towers; when it is empty the towers are
-random at the shape of `config.model.clip.preset` ("tiny", "vit-b-32").
+whose config and weights initialise the towers. When it is empty, the towers are
+random, with the shape of `config.model.clip.preset` ("tiny", "vit-b-32").
 """
 
 from collections.abc import Mapping

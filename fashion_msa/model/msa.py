@@ -12,8 +12,8 @@ Sentiment Analysis in Fashion-related Social Media" (COLING 2025, section 3):
   F     = Fusion_f(F_P'', H_T, F_ori)   logits = Dense(3)(F)
 
 The paper leaves open the width of the hidden MLP layers, dropout, and the
-normalisation of the CLIP features; `ModelConfig` sets them (defaults: hidden
-width 512, dropout 0.1, L2-normalised features).
+normalisation of the CLIP features. `ModelConfig` sets them, by default to
+hidden width 512, dropout 0.1 and L2-normalised features.
 """
 
 import dataclasses
@@ -204,9 +204,9 @@ class FashionMSA(nn.Module):
     def embed(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Encode the modalities the model uses into (batch, d) float32 embeddings.
 
-        The text tower runs once on the text-like inputs stacked along the batch
-        (up to 3 * batch rows) and the vision tower once on the images (up to
-        2 * batch rows), so each tower compiles and runs as one large call.
+        The text tower runs once on the text-like inputs stacked along the batch,
+        up to 3 * batch rows. The vision tower runs once on the images, up to
+        2 * batch rows. Each tower thus compiles and runs as one large call.
         """
         modalities = self.config.encoded_modalities
         embeds: dict[str, jax.Array] = {}

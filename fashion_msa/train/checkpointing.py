@@ -4,8 +4,9 @@ Two `orbax.checkpoint.CheckpointManager`s live in the workdir:
 
   checkpoints/  the full train state (parameters, optimizer state, stage step)
                 plus a JSON `progress` record (stage, global step, input
-                iterator state, seed), saved every `checkpoint_every_steps` and
-                at the end of each stage; the newest `max_to_keep` are kept.
+                iterator state, seed). A save happens every
+                `checkpoint_every_steps` and at the end of each stage, and the
+                newest `max_to_keep` are kept.
   best/         the parameters with the highest validation macro-F1, with
                 their validation metrics; orbax keeps only the best one.
 

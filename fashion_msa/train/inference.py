@@ -124,8 +124,9 @@ def evaluate_split(
         data_dir = run_data.resolve_data_dir(config.data, trained.workdir)
     batch_size = batch_size or config.train.eval_batch_size
     sharding.check_batch_size(batch_size, trained.mesh)
+    split_source = run_data.open_split(pathlib.Path(data_dir), source, split)
     loader = run_data.eval_loader(
-        run_data.open_split(pathlib.Path(data_dir), source, split),
+        split_source,
         batch_size=batch_size,
         image_size=trained.image_size,
         tokenizer=trained.tokenizer,
@@ -140,6 +141,7 @@ def evaluate_split(
         description=f"eval {split}",
         show_progress=show_progress,
         has_adapter=trained.model.config.has_adapter,
+        num_batches=math.ceil(len(split_source) / batch_size),
     )
 
 
@@ -182,11 +184,11 @@ def _read_image(
 def parse_post(record: Any, line: int, base: pathlib.Path, image_size: int) -> RawPost:
     """Check and preprocess one prediction input.
 
-    Keys: `text` (required), `image` (required, a path; relative paths are
-    relative to the input file's folder), `id`, `attributes` (a string or a
-    {name: value} object), `pseudo_attributes` and `pseudo_image` (pseudo data;
-    the post counts as having pseudo data when `pseudo_image` is given), and
-    `pseudo_description` (accepted and not used by the model).
+    Required keys: `text`, and `image`, a path that is relative to the input
+    file's folder unless absolute. Optional keys: `id`, `attributes` (a string
+    or a {name: value} object), and the pseudo data `pseudo_attributes`,
+    `pseudo_image` and `pseudo_description`. A post has pseudo data when it has
+    a `pseudo_image`. The model does not read `pseudo_description`.
 
     Raises:
       PostInputError: naming the line and the field.

@@ -1,7 +1,7 @@
 """The run's dataset: build it into the workdir when missing, open splits, make loaders.
 
-`config.data.data_dir` names the TFDS data directory; empty means
-WORKDIR/data. When that directory holds no build of `config.data.source`, the
+`config.data.data_dir` names the TFDS data directory, and empty means
+WORKDIR/data. When that directory contains no build of `config.data.source`, the
 dataset is built there from `config.data.input_dir` (and `pseudo_dir`). The
 synthetic source draws its posts into `input_dir`, by default
 WORKDIR/synthetic_posts, with its pseudo data in the `pseudo` folder inside.
@@ -31,7 +31,7 @@ def resolve_data_dir(
 
 
 def is_built(data_dir: pathlib.Path, source: str) -> bool:
-    """Whether `data_dir` holds a finished build of `source`."""
+    """Return whether `data_dir` contains a finished build of `source`."""
     return (builder.dataset_dir(data_dir, source) / "dataset_info.json").is_file()
 
 
@@ -100,7 +100,7 @@ def train_loader(
     num_epochs: int,
     num_workers: int,
 ) -> grain.DataLoader:
-    """Shuffled training batches for `num_epochs` epochs (this process's rows)."""
+    """Return a loader of shuffled training batches (this process's rows)."""
     return pipeline.make_train_loader(
         split_source,
         global_batch_size=batch_size,
@@ -120,7 +120,7 @@ def eval_loader(
     tokenizer: CLIPTextTokenizer,
     num_workers: int,
 ) -> grain.DataLoader:
-    """Every post of a split once, the last batch padded with `valid` False rows."""
+    """Return a loader of every post once, the last batch padded with invalid rows."""
     return pipeline.make_eval_loader(
         split_source,
         global_batch_size=batch_size,

@@ -1,6 +1,6 @@
 """Data parallelism with jax.sharding: a 1-D device mesh, batch and parameter shardings.
 
-Every device the job sees (over all hosts) forms a 1-D `Mesh` with axis `data`.
+Every device of the job (over all hosts) is in a 1-D `Mesh` with axis `data`.
 Batches are split along their first dimension on that axis and parameters and
 optimizer state are replicated, so XLA inserts the gradient all-reduce. Each
 process feeds only its own rows (`jax.make_array_from_process_local_data`).

@@ -1,9 +1,9 @@
 """Pure train and eval steps: adapter pre-training, fine-tuning and evaluation.
 
-Each train step maps `(state, batch, rng) -> (state, metrics)`; the model and the
+Each train step maps `(state, batch, rng) -> (state, metrics)`. The model and the
 learning-rate schedules are bound with `functools.partial` before jitting (see
-`jit_train_step`). `rng` is the step's key; the trainer folds the global step
-into the run's key so a resumed run draws the same dropout masks and pairings.
+`jit_train_step`). `rng` is the step's key. The trainer folds the global step
+into the run's key, so a resumed run draws the same dropout masks and pairings.
 """
 
 import functools
@@ -23,6 +23,18 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 TrainState = train_state.TrainState
 StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]
+
+
+def create_train_state(
+    model: FashionMSA, params: Any, tx: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
+    """Build a train state at step 0 with parameters and optimizer state replicated.
+
+    The train steps donate their state, so the buffers of `params` may be freed
+    by the first step; pass a copy to keep using them.
+    """
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    return sharding.replicate(state, mesh)
 
 
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -51,7 +63,7 @@ def sample_partners(rng: jax.Array, batch_size: int) -> jax.Array:
     """Pair each row with the row at a random permutation of the batch.
 
     The training loader shuffles the whole training set every epoch, so pairing
-    inside a batch pairs random posts of the set, as adapter pre-training asks.
+    inside a batch pairs random posts of the set, as adapter pre-training needs.
     A row may be paired with itself, which is a matching pair.
     """
     return jax.random.permutation(rng, batch_size)

@@ -1,9 +1,9 @@
 """The main job: build the data, pre-train the adapter, fine-tune, select on val, test.
 
 `train_and_evaluate(config, workdir)` runs both training stages with the jitted
-steps of `fashion_msa.train.steps` on a data-parallel mesh over every device,
-checkpoints with orbax, and resumes exactly when the same command runs again
-in the same workdir: the stage, its step, the optimizer state and the input
+steps of `fashion_msa.train.steps` on a data-parallel mesh over every device and
+checkpoints with orbax. Running the same command again in the same workdir
+resumes exactly. The stage, its step, the optimizer state and the input
 iterator position come from the newest checkpoint, and every step's random key
 is the run key folded with the global step.
 
@@ -94,9 +94,9 @@ def plan_stages(
 ) -> list[Stage]:
     """Return the stages of the run.
 
-    Adapter pre-training runs when the model has an adapter, the config asks for
-    it, and some training posts have pseudo data (without any, every pair would
-    have weight 0).
+    Adapter pre-training runs when the model has an adapter, the config enables
+    it, and some training posts have pseudo data. Without pseudo data every pair
+    would have weight 0.
 
     Raises:
       ValueError: no fine-tuning epochs, or fewer training posts than one batch.
@@ -200,18 +200,17 @@ class Trainer:
         tx, schedules = optimizer.create_optimizer(
             self.optimizer_config, params, stage.name, stage.total_steps
         )
-        state = train_state.TrainState.create(
-            apply_fn=self.model.apply, params=params, tx=tx
-        )
-        return sharding.replicate(state, self.mesh), schedules
+        return steps.create_train_state(self.model, params, tx, self.mesh), schedules
 
     # Evaluation.
 
     def evaluate(self, params: Any, split: str) -> dict[str, Any]:
         """Evaluate `params` on every post of `split`."""
+        split_source = run_data.open_split(self.data_dir, self.source, split)
+        batch_size = self.config.train.eval_batch_size
         loader = run_data.eval_loader(
-            run_data.open_split(self.data_dir, self.source, split),
-            batch_size=self.config.train.eval_batch_size,
+            split_source,
+            batch_size=batch_size,
             image_size=self.image_size,
             tokenizer=self.tokenizer,
             num_workers=self.config.data.num_workers,
@@ -224,6 +223,7 @@ class Trainer:
             description=f"eval {split}",
             show_progress=self.config.train.progress_bar and self.is_chief,
             has_adapter=self.model.config.has_adapter,
+            num_batches=math.ceil(len(split_source) / batch_size),
         )
 
     # Training.
@@ -367,7 +367,7 @@ def fetch_and_check(
 
     Raises:
       NonFiniteLossError: naming the first step whose loss is NaN or infinite and
-        the newest checkpoint, which holds the last good state.
+        the newest checkpoint, which contains the last good state.
     """
     fetched = jax.device_get(pending)
     out = []
@@ -406,6 +406,7 @@ def evaluate_loader(
     description: str = "eval",
     show_progress: bool = False,
     has_adapter: bool = True,
+    num_batches: int | None = None,
 ) -> dict[str, Any]:
     """Sum `eval_step` over a loader and turn the sums into metrics.
 
