@@ -344,6 +344,8 @@ class _Describer:
             if body_format is not None:
                 kwargs["response_format"] = body_format
             try:
+                # NOTE: OpenAI's reasoning models take max_completion_tokens and
+                # reject max_tokens; the paper's gpt-3.5-turbo and llama.cpp take it.
                 async with asyncio.timeout(config.request_timeout_s):
                     completion = await self.client.chat.completions.create(
                         model=config.model,
