@@ -71,26 +71,41 @@ def create_params(
     _, clip_params = clip_checkpoint.load_pretrained(
         checkpoint, dtype=jnp.float32, scan_layers=model.scan_layers
     )
-    # A model that encodes no images (a text-only ablation) has no vision tower.
-    clip_params = {k: v for k, v in clip_params.items() if k in params[TOWER_MODULE]}
-    expected = jax.tree.structure(params[TOWER_MODULE])
-    if jax.tree.structure(clip_params) != expected:
+    params = merge_tower_params(params, clip_params, source=str(checkpoint))
+    logging.info("CLIP towers loaded from %s", checkpoint)
+    return params
+
+
+def merge_tower_params(
+    params: Mapping[str, Any], clip_params: Mapping[str, Any], source: str
+) -> dict[str, Any]:
+    """Replace the model's CLIP towers with `clip_params` after checking their shapes.
+
+    Parts of the checkpoint that the model lacks are dropped: a model that
+    encodes no images (a text-only ablation) has no vision tower.
+
+    Raises:
+      ValueError: the trees differ, or a tensor has another shape; the message
+        names `source`.
+    """
+    towers = params[TOWER_MODULE]
+    clip_params = {k: v for k, v in clip_params.items() if k in towers}
+    if jax.tree.structure(clip_params) != jax.tree.structure(towers):
         raise ValueError(
-            f"the CLIP checkpoint {checkpoint} has a parameter tree that differs "
+            f"the CLIP checkpoint {source} has a parameter tree that differs "
             "from the model's towers"
         )
     for new, old in zip(
-        jax.tree.leaves(clip_params), jax.tree.leaves(params[TOWER_MODULE]), strict=True
+        jax.tree.leaves(clip_params), jax.tree.leaves(towers), strict=True
     ):
         if new.shape != old.shape:
             raise ValueError(
-                f"the CLIP checkpoint {checkpoint} has a tensor of shape {new.shape} "
+                f"the CLIP checkpoint {source} has a tensor of shape {new.shape} "
                 f"where the model expects {old.shape}"
             )
-    params = dict(params)
-    params[TOWER_MODULE] = jax.tree.map(jnp.asarray, clip_params)
-    logging.info("CLIP towers loaded from %s", checkpoint)
-    return params
+    merged = dict(params)
+    merged[TOWER_MODULE] = jax.tree.map(jnp.asarray, clip_params)
+    return merged
 
 
 def count_parameters(params: Any) -> int:

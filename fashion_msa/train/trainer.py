@@ -414,9 +414,15 @@ def evaluate_loader(
     cross-entropy) and, for models with an adapter, `mean_sim`.
     """
     totals = None
-    for batch in tqdm(
-        loader, desc=description, unit="batch", disable=not show_progress
-    ):
+    batches = tqdm(
+        loader,
+        desc=description,
+        unit="batch",
+        total=num_batches,
+        leave=False,
+        disable=not show_progress,
+    )
+    for batch in batches:
         out = eval_step(params, sharding.shard_batch(batch, mesh))
         # Summing on device keeps the loop asynchronous; one copy to host at the end.
         totals = (
