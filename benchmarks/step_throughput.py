@@ -34,23 +34,20 @@ import gc
 import math
 import os
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import batches as batch_lib
 from benchmarks import common
-from configs import paper
+from benchmarks import jax_steps as jax_steps_lib
 from fashion_msa.clip.tokenizer import DEFAULT_LENGTH_BUCKETS
 from fashion_msa.model.factory import create_model
 from fashion_msa.model.msa import FashionMSA, ModelConfig, init_params
-from fashion_msa.train import optimizer as optimizer_lib
-from fashion_msa.train import sharding, steps
+from fashion_msa.train import sharding
 
 STEP_KINDS = ("pretrain", "finetune", "eval")
 TEXT_LEN_MODES = ("full", "trimmed")
@@ -155,143 +152,6 @@ class Variant:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def build_model_config(dtype: str, scan_layers: bool) -> Any:
-    """Return `config.model` of the paper config at the benchmark's shape and dtype."""
-    config = paper.get_config()
-    config.model.clip.preset = _PRESET.value
-    config.model.clip.checkpoint = ""
-    config.model.clip.dtype = dtype
-    config.model.clip.scan_layers = scan_layers
-    return config.model
-
-
-class JaxSteps:
-    """The jitted JAX steps of one step kind and the state they advance.
-
-    The "full" and "trimmed" variants share the train state, which each step
-    donates and replaces.
-    """
-
-    def __init__(
-        self,
-        step_kind: str,
-        model: FashionMSA,
-        params: Any,
-        mesh: jax.sharding.Mesh,
-        seed: int,
-    ):
-        self.step_kind = step_kind
-        self.model = model
-        self.mesh = mesh
-        self.key = jax.random.key(seed)
-        if step_kind == "eval":
-            self.state = sharding.replicate(params, mesh)
-            self.jitted = steps.jit_eval_step(steps.eval_step, mesh, model=model)
-        else:
-            self.state, self.jitted = _train_state_and_step(
-                step_kind, model, params, mesh
-            )
-        self.step_count = 0
-
-    def compile(self, batch: dict[str, jax.Array]) -> tuple[Any, float, float]:
-        """Lower and compile for the shapes of `batch`.
-
-        Returns:
-          The executable, the lowering time and the compile time in seconds.
-        """
-        args = self._args(batch)
-        start = time.perf_counter()
-        lowered = self.jitted.lower(*args)
-        lower_s = time.perf_counter() - start
-        start = time.perf_counter()
-        compiled = lowered.compile()
-        compile_s = time.perf_counter() - start
-        return compiled, lower_s, compile_s
-
-    def _args(self, batch: dict[str, jax.Array]) -> tuple[Any, ...]:
-        if self.step_kind == "eval":
-            return (self.state, batch)
-        rng = jax.random.fold_in(self.key, self.step_count)
-        return (self.state, batch, rng)
-
-    def run(self, compiled: Any, batch: dict[str, jax.Array]) -> None:
-        """Run one step to completion, keeping the new state."""
-        if self.step_kind == "eval":
-            jax.block_until_ready(compiled(self.state, batch))
-            return
-        rng = jax.random.fold_in(self.key, self.step_count)
-        self.state, metrics = compiled(self.state, batch, rng)
-        jax.block_until_ready((self.state, metrics))
-        self.step_count += 1
-
-
-def _train_state_and_step(
-    step_kind: str, model: FashionMSA, params: Any, mesh: jax.sharding.Mesh
-) -> tuple[Any, Callable[..., Any]]:
-    tx, learning_rate_fns = optimizer_lib.create_optimizer(
-        optimizer_lib.OptimizerConfig(), params, step_kind, total_steps=1000
-    )
-    # The state owns a copy, because each step donates the parameters it is given.
-    state = steps.TrainState.create(
-        apply_fn=model.apply, params=jax.tree.map(jnp.copy, params), tx=tx
-    )
-    step_fn = steps.pretrain_step if step_kind == "pretrain" else steps.finetune_step
-    jitted = steps.jit_train_step(
-        step_fn, mesh, model=model, learning_rate_fns=learning_rate_fns
-    )
-    return sharding.replicate(state, mesh), jitted
-
-
-def count_step_flops(
-    step_kind: str,
-    model: FashionMSA,
-    mesh: jax.sharding.Mesh,
-    batch: dict[str, Any],
-) -> float:
-    """Return XLA's FLOP count of one step of `model` (unrolled layers) on `batch`.
-
-    XLA's cost analysis counts the body of a while loop once, so the count of a
-    `scan_layers=True` program misses all but one layer. The count therefore
-    comes from the same step lowered with unrolled layers; lowering compiles
-    nothing, and the HLO cost analysis of the lowered program counts every dot
-    and convolution of every layer.
-    """
-    model = model.clone(scan_layers=False)
-    sample = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    dummy = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sample)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"])
-    rng = jax.random.key(0)
-    if step_kind == "eval":
-        jitted = steps.jit_eval_step(steps.eval_step, mesh, model=model)
-        lowered = jitted.lower(params, sample)
-    else:
-        tx, learning_rate_fns = optimizer_lib.create_optimizer(
-            optimizer_lib.OptimizerConfig(), params, step_kind, total_steps=1000
-        )
-        state = jax.eval_shape(
-            lambda: steps.TrainState.create(
-                apply_fn=model.apply,
-                params=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params),
-                tx=tx,
-            )
-        )
-        step_fn = (
-            steps.pretrain_step if step_kind == "pretrain" else steps.finetune_step
-        )
-        jitted = steps.jit_train_step(
-            step_fn, mesh, model=model, learning_rate_fns=learning_rate_fns
-        )
-        lowered = jitted.lower(state, sample, rng)
-    return _flops(lowered.cost_analysis())
-
-
-def _flops(cost_analysis: Any) -> float:
-    # Older jax versions return one dict per device program.
-    if isinstance(cost_analysis, Sequence):
-        cost_analysis = cost_analysis[0]
-    return float(cost_analysis["flops"])
-
-
 def jax_variants(
     step_kind: str,
     model: FashionMSA,
@@ -301,7 +161,7 @@ def jax_variants(
     flops: dict[str, list[float]],
 ) -> list[Variant]:
     """Build the JAX variants ("full", "trimmed") of one step kind on a shared state."""
-    jax_steps = JaxSteps(step_kind, model, params, mesh, _SEED.value)
+    jax_steps = jax_steps_lib.JaxSteps(step_kind, model, params, mesh, _SEED.value)
     variants = []
     for text_len, batches in host_batches.items():
         device_batches = [sharding.shard_batch(batch, mesh) for batch in batches]
@@ -321,7 +181,11 @@ def jax_variants(
                     "Compiling the JAX %s step at %d tokens", step_kind, length
                 )
                 executables[length], lower_s, compile_s = jax_steps.compile(batch)
-                per_length[length] = {"lower_s": lower_s, "compile_s": compile_s}
+                per_length[length] = {
+                    "lower_s": lower_s,
+                    "compile_s": compile_s,
+                    "xla_memory": xla_memory(executables[length]),
+                }
                 logging.info(
                     "Lowered in %.1f s, compiled in %.1f s", lower_s, compile_s
                 )
@@ -332,6 +196,7 @@ def jax_variants(
                     t["lower_s"] + t["compile_s"] for t in per_length.values()
                 ),
                 "compile_s_per_text_length": per_length,
+                "xla_memory": per_length[lengths[0]]["xla_memory"],
             }
 
         def run(
@@ -356,6 +221,26 @@ def jax_variants(
             )
         )
     return variants
+
+
+def xla_memory(compiled: Any) -> dict[str, int] | None:
+    """Return XLA's buffer sizes for an executable, in bytes, where it reports them.
+
+    On CPU, where `device.memory_stats()` is None, this is the device-side
+    figure: arguments, outputs, temporaries, and outputs that reuse donated
+    arguments (`alias`).
+    """
+    try:
+        analysis = compiled.memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+    if analysis is None:
+        return None
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    return {
+        f"{name}_bytes": int(getattr(analysis, f"{name}_size_in_bytes"))
+        for name in fields
+    }
 
 
 def torch_variants(
@@ -616,7 +501,9 @@ def main(argv: Sequence[str]) -> None:
     peak_dtypes = sorted({"float32", _DTYPE.value})
     peaks_before = measure_peaks(peak_dtypes)
 
-    model_config = build_model_config(_DTYPE.value, _SCAN_LAYERS.value)
+    model_config = jax_steps_lib.build_model_config(
+        _PRESET.value, _DTYPE.value, _SCAN_LAYERS.value
+    )
     model = create_model(model_config)
     clip_config = model.clip_config
     mesh = sharding.create_mesh()
@@ -725,7 +612,9 @@ def _cached_flops(
     # FLOPs depend on the shapes only, so batches of one text length share a count.
     key = (step_kind, batch_lib.text_length(batch))
     if key not in _FLOPS_CACHE:
-        _FLOPS_CACHE[key] = count_step_flops(step_kind, model, mesh, batch)
+        _FLOPS_CACHE[key] = jax_steps_lib.count_step_flops(
+            step_kind, model, mesh, batch
+        )
     return _FLOPS_CACHE[key]
 
 
