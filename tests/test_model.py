@@ -65,6 +65,12 @@ def _build(**kwargs):
     return model, params, jax.jit(model.apply)
 
 
+def _abstract_params(**kwargs):
+    """Return (model, parameter shapes) without compiling or running `init`."""
+    model = msa.FashionMSA(CLIP_CONFIG, _model_config(**kwargs))
+    return model, jax.eval_shape(lambda: msa.init_params(model, jax.random.key(0)))
+
+
 @pytest.fixture(scope="module")
 def paper_model():
     return _build()
@@ -147,15 +153,17 @@ def test_embeddings_unit_norm(paper_model):
         np.testing.assert_allclose(norms, 1.0, rtol=RTOL)
 
 
-def test_embeddings_unnormalised_when_disabled():
-    _, params, apply = _build(normalize_embeddings=False)
+def test_embeddings_unnormalised_when_disabled(paper_model):
+    _, params, _ = paper_model
+    # Normalisation has no parameters, so the paper model's parameters fit.
+    model = msa.FashionMSA(CLIP_CONFIG, _model_config(normalize_embeddings=False))
+    embed = jax.jit(functools.partial(model.apply, method=msa.FashionMSA.embed))
     batch = random_batch()
-    out = apply({"params": params}, batch)
-    direct = CLIP(CLIP_CONFIG).apply(
+    out = embed({"params": params}, batch)
+    direct = jax.jit(functools.partial(CLIP(CLIP_CONFIG).apply, method="encode_text"))(
         {"params": params["clip"]},
         batch["text/input_ids"],
         batch["text/attention_mask"],
-        method="encode_text",
     )
     np.testing.assert_allclose(out["text_embeds"], direct, rtol=RTOL, atol=ATOL)
 
@@ -284,17 +292,19 @@ def test_consistency_pairs_with_partner(paper_model):
 
 
 def test_unshared_image_fusion_has_two_modules():
-    _, params, _ = _build(share_image_fusion=False)
+    _, params = _abstract_params(share_image_fusion=False)
     assert "image_fusion" in params
     assert "pseudo_image_fusion" in params
 
 
-def test_no_adapter_uses_sim_of_ones():
-    _, params, apply = _build(use_adapter=False)
+def test_no_adapter_uses_sim_of_ones(paper_model):
+    model, shapes = _abstract_params(use_adapter=False)
+    assert "adapter" not in shapes
+    # The paper model's parameters without the adapter fit this model.
+    params = {k: v for k, v in paper_model[1].items() if k != "adapter"}
     batch = random_batch()
     batch["has_pseudo"] = np.ones(BATCH, bool)
-    out = apply({"params": params}, batch)
-    assert "adapter" not in params
+    out = jax.jit(model.apply)({"params": params}, batch)
     assert "sim" not in out
 
     f_pseudo_text = fusion.Fusion(D, HIDDEN).apply(
@@ -321,7 +331,7 @@ def test_no_adapter_uses_sim_of_ones():
     ],
 )
 def test_baseline_heads(fusion_name, modalities, text_rows, image_rows):
-    model, params, _ = _build(fusion=fusion_name, modalities=modalities)
+    model, params = _abstract_params(fusion=fusion_name, modalities=modalities)
     rows = collections.Counter()
 
     def count_rows(next_fun, args, kwargs, context):
