@@ -38,7 +38,8 @@ def test_paper_model_has_vit_b32_shapes():
     # eval_shape builds the parameter shapes without allocating ViT-B/32.
     params = jax.eval_shape(lambda: msa.init_params(model, jax.random.key(0)))
     count = factory.count_parameters(params["clip"])
-    # openai/clip-vit-base-patch32 has 151,277,313 parameters.
+    # transformers.CLIPModel(CLIPConfig()), the ViT-B/32 shape, has 151,277,313
+    # parameters (counted with transformers 5.25).
     assert count == 151_277_313
 
 

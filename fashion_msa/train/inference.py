@@ -178,7 +178,7 @@ def _read_image(
     try:
         return preprocess_image(path.read_bytes(), image_size)
     except ImageDecodeError as e:
-        raise PostInputError(f"{what} {path} cannot be used: {e}") from e
+        raise PostInputError(f"{what} {path} failed to decode: {e}") from e
 
 
 def parse_post(record: Any, line: int, base: pathlib.Path, image_size: int) -> RawPost:

@@ -268,6 +268,9 @@ class Trainer:
             stage.last_step,
             start_step,
         )
+        # Metrics stay on device until a log, checkpoint or eval step needs them.
+        # NOTE: after a resume, the first logged interval averages only the steps
+        # run since the resume when checkpoints and logs fall on different steps.
         pending: list[tuple[int, dict[str, jax.Array]]] = []
         interval: list[tuple[int, dict[str, float]]] = []
         interval_start = time.perf_counter()
