@@ -58,6 +58,8 @@ class RunCheckpoints:
                 max_to_keep=max_to_keep,
                 enable_async_checkpointing=async_save,
                 create=not read_only,
+                # A run killed during a save leaves a temporary folder behind.
+                cleanup_tmp_directories=not read_only,
                 read_only=read_only,
             ),
             item_names=("state", "progress"),
@@ -70,6 +72,7 @@ class RunCheckpoints:
                 best_mode="max",
                 enable_async_checkpointing=async_save,
                 create=not read_only,
+                cleanup_tmp_directories=not read_only,
                 read_only=read_only,
             ),
             item_names=("params", "validation"),
