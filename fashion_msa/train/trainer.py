@@ -39,6 +39,7 @@ from fashion_msa.model.msa import FashionMSA
 from fashion_msa.train import (
     checkpointing,
     optimizer,
+    padding,
     plotting,
     run_data,
     sharding,
@@ -256,6 +257,8 @@ class Trainer:
         iterator = iter(loader)
         if loader_state is not None:
             iterator.set_state(loader_state.encode())
+        # Trimming is exact, and each bucket compiles the step once.
+        text_buckets = tuple(config.get("text_length_buckets", ()))
 
         logging.info(
             "Stage %s: %d epochs x %d steps of %d posts (global steps %d-%d), "
@@ -283,7 +286,10 @@ class Trainer:
         )
         for stage_step in range(start_step + 1, stage.total_steps + 1):
             global_step = stage.first_step + stage_step
-            batch = sharding.shard_batch(next(iterator), self.mesh)
+            host_batch = next(iterator)
+            if text_buckets:
+                host_batch = padding.trim_batch_text(host_batch, text_buckets)
+            batch = sharding.shard_batch(host_batch, self.mesh)
             if stage_step == start_step + 1:
                 logging.info("Compiling the first %s step", stage.name)
             rng = jax.random.fold_in(self.train_key, global_step)
