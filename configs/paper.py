@@ -72,6 +72,9 @@ def get_config(ablation: str | None = None) -> ml_collections.ConfigDict:
     config.train.pretrain_epochs = 2  # adapter pre-training epochs (stage 1)
     config.train.finetune_epochs = 10  # fine-tuning epochs (stage 2)
     config.train.eval_every_epochs = 1  # validate every this many fine-tuning epochs
+    # Token lengths that batches trim their trailing text padding to, e.g.
+    # (16, 32, 77); exact, because text attention is causal. () keeps 77.
+    config.train.text_length_buckets = ()
 
     # Learning rate.
     config.train.tower_learning_rate = 1e-5  # peak rate of the CLIP towers
