@@ -16,7 +16,7 @@ from fashion_msa.train import sharding, steps
 
 
 def build_model_config(preset: str, dtype: str, scan_layers: bool) -> Any:
-    """Return `config.model` of the paper config with random towers at `preset`."""
+    """Return `config.model` of `configs/paper.py` with random towers at `preset`."""
     config = paper.get_config()
     config.model.clip.preset = preset
     config.model.clip.checkpoint = ""

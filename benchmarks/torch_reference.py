@@ -93,7 +93,7 @@ class SelfAdaptiveAdapter(nn.Module):
 
 
 class TorchFashionMSA(nn.Module):
-    """FashionMSA on transformers' PyTorch CLIP (the paper configuration only).
+    """FashionMSA on transformers' PyTorch CLIP (only the `configs/paper.py` heads).
 
     Batches are dicts of tensors with the keys of the JAX input pipeline, except
     that "image" and "pseudo_image" are NCHW, as PyTorch's CLIP reads them.

@@ -129,8 +129,8 @@ def test_step_throughput_equal_work_flops(step_json):
         torch_eager = records[(kind, "torch_eager")]
         # PyTorch runs the full-length batch, so both share XLA's count.
         assert torch_eager["flops_per_step"] == jax_full["flops_per_step"]
-        # PyTorch's counter sees matmuls, convolutions and attention only, XLA
-        # also counts elementwise work, so XLA's count is the larger.
+        # PyTorch's counter counts only matmuls, convolutions and attention.
+        # XLA also counts elementwise work, so XLA's count is the larger.
         counted = torch_eager["torch_counted_flops_per_step"]
         assert 0 < counted <= jax_full["flops_per_step"]
         trimmed = records[(kind, "jax/trimmed")]

@@ -1,6 +1,6 @@
 """CLIP in Flax: the two towers, Hugging Face checkpoints, tokenizer, preprocessing.
 
-The modules reproduce transformers' PyTorch `CLIPModel` numerically; parameter
+The modules reproduce transformers' PyTorch `CLIPModel` numerically. Parameter
 names mirror the PyTorch state dict, so a Hugging Face CLIP directory loads
 through a rename table (`load_pretrained`) and saves back (`save_pretrained`).
 """

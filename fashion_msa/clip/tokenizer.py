@@ -347,7 +347,7 @@ def _byte_alphabet() -> list[str]:
 def _write_text_atomically(path: pathlib.Path, text: str) -> None:
     """Write `text` to `path` through a renamed temporary file.
 
-    A reader of the cache never sees a half-written file, even when several
+    A reader of the cache never opens a half-written file, even when several
     processes build it at the same time.
     """
     with tempfile.NamedTemporaryFile(

@@ -59,9 +59,9 @@ _CP1252_FROM_LATIN1 = {
 }
 
 # The order in which tweet bytes are tried. The shared MVSA-Single copy has
-# 3,046 UTF-8 texts and 920 that are not; all 920 decode strictly as GB18030
-# and then read correctly (b"\xa1\xb0" is a left double quotation mark, and
-# eight of them are Japanese), while as cp1252 they become mojibake such as
+# 3,046 UTF-8 texts and 920 that are not. All 920 decode strictly as GB18030
+# and then read correctly: b"\xa1\xb0" is a left double quotation mark, and
+# eight of them are Japanese. As cp1252 they become mojibake such as
 # "\u00a1\u00b0". GB18030 is strict about its trail bytes, so typical Latin-1
 # text ("caf\xe9 ") fails it and reaches the Windows-1252 fallback.
 TEXT_ENCODINGS = ("utf-8", "gb18030", "cp1252")

@@ -183,7 +183,7 @@ class ResponseFormatChooser:
 
 
 def _is_format_rejection(error: openai.APIStatusError) -> bool:
-    """Return whether an error response says the endpoint lacks the response_format."""
+    """Return whether the endpoint rejected the request's response_format."""
     if getattr(error, "param", None) == "response_format":
         return True
     message = str(error.message).lower()
