@@ -75,6 +75,9 @@ def get_config(ablation: str | None = None) -> ml_collections.ConfigDict:
     # Token lengths that batches trim their trailing text padding to, e.g.
     # (16, 32, 77); exact, because text attention is causal. () keeps 77.
     config.train.text_length_buckets = ()
+    # Keep the CLIP towers fixed: encode every post once, cache the embeddings in
+    # WORKDIR/embedding_cache, and train only the fusion, adapter and classifier.
+    config.train.freeze_towers = False
 
     # Learning rate.
     config.train.tower_learning_rate = 1e-5  # peak rate of the CLIP towers

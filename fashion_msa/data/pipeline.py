@@ -276,12 +276,14 @@ def _process_layout(
     return process_index, process_count
 
 
-def _data_loader(
+def data_loader(
     batches: TrainBatches | EvalBatches,
-    worker_count: int,
-    read_threads: int,
-    prefetch_batches: int,
+    *,
+    worker_count: int = 0,
+    read_threads: int = 2,
+    prefetch_batches: int = 2,
 ) -> grain.DataLoader:
+    """Wrap a batch source in a grain DataLoader that yields its elements in order."""
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # grain's worker processes read grain's absl flags, which raises
         # outside absl.app.run (in a notebook or under pytest) unless the flags
@@ -350,7 +352,12 @@ def make_train_loader(
         process_index=process_index,
         process_count=process_count,
     )
-    return _data_loader(batches, worker_count, read_threads, prefetch_batches)
+    return data_loader(
+        batches,
+        worker_count=worker_count,
+        read_threads=read_threads,
+        prefetch_batches=prefetch_batches,
+    )
 
 
 def make_eval_loader(
@@ -379,7 +386,12 @@ def make_eval_loader(
         process_index=process_index,
         process_count=process_count,
     )
-    return _data_loader(batches, worker_count, read_threads, prefetch_batches)
+    return data_loader(
+        batches,
+        worker_count=worker_count,
+        read_threads=read_threads,
+        prefetch_batches=prefetch_batches,
+    )
 
 
 def train_steps_per_epoch(num_records: int, global_batch_size: int) -> int:

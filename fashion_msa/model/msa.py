@@ -153,7 +153,9 @@ class FashionMSA(nn.Module):
     "{m}/input_ids" and "{m}/attention_mask" int32 (batch, length) for the text
     modalities m, "image" and "pseudo_image" float32 (batch, size, size, 3)
     (CLIP-normalised NHWC), and "has_pseudo" bool (batch,). Only the modalities
-    in `config.encoded_modalities` are read.
+    in `config.encoded_modalities` are read. Instead of tokens and pixels, a
+    batch may carry the towers' outputs under the keys of EMBEDDING_KEYS (see
+    `embed`); `fashion_msa.train.embedding_cache` builds such batches.
 
     Attributes:
       clip_config: shape of the CLIP towers.
@@ -201,12 +203,13 @@ class FashionMSA(nn.Module):
         self.final_fusion = fusion()
         self.classifier = nn.Dense(cfg.num_classes)
 
-    def embed(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Encode the modalities the model uses into (batch, d) float32 embeddings.
+    def encode(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Run the CLIP towers: (batch, d) float32 projected embeddings, not normalised.
 
         The text tower runs once on the text-like inputs stacked along the batch,
         up to 3 * batch rows. The vision tower runs once on the images, up to
         2 * batch rows. Each tower thus compiles and runs as one large call.
+        The keys are those of EMBEDDING_KEYS for `config.encoded_modalities`.
         """
         modalities = self.config.encoded_modalities
         embeds: dict[str, jax.Array] = {}
@@ -230,10 +233,36 @@ class FashionMSA(nn.Module):
             for m, rows in zip(images, jnp.split(image_out, len(images)), strict=True):
                 embeds[EMBEDDING_KEYS[m]] = rows
 
-        embeds = {k: v.astype(jnp.float32) for k, v in embeds.items()}
+        return {k: v.astype(jnp.float32) for k, v in embeds.items()}
+
+    def embed(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Return the embeddings the heads fuse, (batch, d) float32 each.
+
+        A batch that carries precomputed tower outputs (every key of
+        `embedding_keys`, as `encode` returns them) skips the towers. This is
+        the frozen-tower path: parameters without the "clip" collection suffice.
+        Otherwise the towers encode the batch's tokens and pixels.
+        """
+        keys = self.embedding_keys
+        present = [k for k in keys if k in batch]
+        if present:
+            missing = [k for k in keys if k not in batch]
+            if missing:
+                raise KeyError(
+                    f"the batch carries precomputed embeddings {present} but not "
+                    f"{missing}; pass all of {list(keys)} or none"
+                )
+            embeds = {k: batch[k].astype(jnp.float32) for k in keys}
+        else:
+            embeds = self.encode(batch)
         if self.config.normalize_embeddings:
             embeds = {k: l2_normalize(v) for k, v in embeds.items()}
         return embeds
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        """Keys of the tower outputs the model reads, in MODALITIES order."""
+        return tuple(EMBEDDING_KEYS[m] for m in self.config.encoded_modalities)
 
     def image_representations(
         self, embeds: Mapping[str, jax.Array], *, deterministic: bool = True

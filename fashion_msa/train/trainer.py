@@ -7,10 +7,18 @@ resumes exactly. The stage, its step, the optimizer state and the input
 iterator position come from the newest checkpoint, and every step's random key
 is the run key folded with the global step.
 
+With `config.train.freeze_towers`, the CLIP towers stay at their initial
+parameters: every post is encoded once (see embedding_cache.py) and the stages
+train only the fusion networks, the adapter and the classifier on the cached
+embeddings. The state checkpoints then hold only those parameters; the best
+checkpoints hold the whole model, so evaluate.py and predict.py read them as
+they read any other run's.
+
 Files written into the workdir (by process 0):
   config.json, clip_config.json   the run's configuration and tower shapes
   data/                           the built dataset (unless config.data.data_dir)
   checkpoints/, best/             orbax checkpoints (see checkpointing.py)
+  embedding_cache/                tower outputs per split, with freeze_towers
   metrics.jsonl, tensorboard/     training and validation metrics
   learning_curves.png, confusion_matrix_{split}.png
   results.json                    final metrics per split and run facts
@@ -35,9 +43,10 @@ from tqdm import tqdm
 
 from fashion_msa.clip.tokenizer import load_tokenizer
 from fashion_msa.model import factory
-from fashion_msa.model.msa import FashionMSA
+from fashion_msa.model.msa import TOWER_MODULE, FashionMSA
 from fashion_msa.train import (
     checkpointing,
+    embedding_cache,
     optimizer,
     padding,
     plotting,
@@ -157,6 +166,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@dataclasses.dataclass(frozen=True)
+class FrozenTowers:
+    """The fixed tower parameters of a frozen-tower run and each split's embeddings.
+
+    Attributes:
+      params: the "clip" parameter collection, never updated.
+      entries: the cache entry of every split the run reads.
+    """
+
+    params: Any
+    entries: Mapping[str, embedding_cache.CacheEntry]
+
+
 class Trainer:
     """State shared by the stages of one run: model, mesh, data, steps, checkpoints."""
 
@@ -191,6 +213,69 @@ class Trainer:
             max_to_keep=config.train.max_checkpoints_to_keep,
             async_save=config.train.async_checkpointing,
         )
+        self.frozen: FrozenTowers | None = None
+
+    # Frozen towers.
+
+    def used_splits(self) -> list[str]:
+        """The splits the run trains on, selects on and reports, without repeats."""
+        splits = [
+            "train",
+            self.config.data.selection_split,
+            self.config.data.test_split,
+        ]
+        return list(dict.fromkeys(s for s in splits if s))
+
+    def freeze_towers(self, tower_params: Any) -> None:
+        """Keep the towers fixed: load or compute the embeddings of every used split."""
+        logging.info("Freezing the CLIP towers; hashing their parameters")
+        towers_digest = embedding_cache.tree_digest(tower_params)
+        cache_dir = self.workdir / embedding_cache.CACHE_DIR
+        entries = {}
+        for split in self.used_splits():
+            split_source = run_data.open_split(self.data_dir, self.source, split)
+            key = embedding_cache.cache_key(
+                self.model,
+                tower_params,
+                self.tokenizer,
+                self.data_dir,
+                self.source,
+                split,
+                towers_digest=towers_digest,
+            )
+
+            def compute(split=split, split_source=split_source):
+                return embedding_cache.compute_embeddings(
+                    self.model,
+                    tower_params,
+                    split_source,
+                    tokenizer=self.tokenizer,
+                    batch_size=self.config.train.eval_batch_size,
+                    mesh=self.mesh,
+                    text_length_buckets=tuple(
+                        self.config.train.get("text_length_buckets", ())
+                    ),
+                    num_workers=self.config.data.num_workers,
+                    description=f"embed {split}",
+                    show_progress=self.config.train.progress_bar and self.is_chief,
+                )
+
+            entries[split] = embedding_cache.load_or_compute(
+                cache_dir, key, compute, write=self.is_chief
+            )
+        self.frozen = FrozenTowers(tower_params, entries)
+
+    def head_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """`params` without the towers when they are frozen, else unchanged."""
+        if self.frozen is None:
+            return dict(params)
+        return {k: v for k, v in params.items() if k != TOWER_MODULE}
+
+    def full_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """`params` with the frozen towers added back (the layout of checkpoints)."""
+        if self.frozen is None:
+            return dict(params)
+        return {**params, TOWER_MODULE: self.frozen.params}
 
     # Train state.
 
@@ -201,24 +286,33 @@ class Trainer:
         tx, schedules = optimizer.create_optimizer(
             self.optimizer_config, params, stage.name, stage.total_steps
         )
+        if self.frozen is not None:
+            # The towers have no parameters in the state, so no rate to log.
+            schedules = {k: v for k, v in schedules.items() if k != "tower"}
         return steps.create_train_state(self.model, params, tx, self.mesh), schedules
 
     # Evaluation.
 
     def evaluate(self, params: Any, split: str) -> dict[str, Any]:
         """Evaluate `params` on every post of `split`."""
-        split_source = run_data.open_split(self.data_dir, self.source, split)
         batch_size = self.config.train.eval_batch_size
-        loader = run_data.eval_loader(
-            split_source,
-            batch_size=batch_size,
-            image_size=self.image_size,
-            tokenizer=self.tokenizer,
-            num_workers=self.config.data.num_workers,
-        )
+        if self.frozen is not None:
+            split_source = self.frozen.entries[split].table
+            loader = embedding_cache.eval_loader(
+                split_source, self.model, batch_size=batch_size
+            )
+        else:
+            split_source = run_data.open_split(self.data_dir, self.source, split)
+            loader = run_data.eval_loader(
+                split_source,
+                batch_size=batch_size,
+                image_size=self.image_size,
+                tokenizer=self.tokenizer,
+                num_workers=self.config.data.num_workers,
+            )
         return evaluate_loader(
             self.eval_step,
-            params,
+            self.head_params(params),
             loader,
             self.mesh,
             description=f"eval {split}",
@@ -245,20 +339,30 @@ class Trainer:
             model=self.model,
             learning_rate_fns=schedules,
         )
-        loader = run_data.train_loader(
-            self.train_split,
-            batch_size=config.batch_size,
-            image_size=self.image_size,
-            tokenizer=self.tokenizer,
-            seed=self.config.seed + stage.index,
-            num_epochs=stage.epochs,
-            num_workers=self.config.data.num_workers,
-        )
+        if self.frozen is not None:
+            loader = embedding_cache.train_loader(
+                self.frozen.entries["train"].table,
+                self.model,
+                batch_size=config.batch_size,
+                seed=self.config.seed + stage.index,
+                num_epochs=stage.epochs,
+            )
+            text_buckets = ()  # the batches carry embeddings, not tokens
+        else:
+            loader = run_data.train_loader(
+                self.train_split,
+                batch_size=config.batch_size,
+                image_size=self.image_size,
+                tokenizer=self.tokenizer,
+                seed=self.config.seed + stage.index,
+                num_epochs=stage.epochs,
+                num_workers=self.config.data.num_workers,
+            )
+            # Trimming is exact, and each bucket compiles the step once.
+            text_buckets = tuple(config.get("text_length_buckets", ()))
         iterator = iter(loader)
         if loader_state is not None:
             iterator.set_state(loader_state.encode())
-        # Trimming is exact, and each bucket compiles the step once.
-        text_buckets = tuple(config.get("text_length_buckets", ()))
 
         logging.info(
             "Stage %s: %d epochs x %d steps of %d posts (global steps %d-%d), "
@@ -364,7 +468,7 @@ class Trainer:
             "epoch": epoch,
             "metrics": val,
         }
-        self.checkpoints.save_best(global_step, params, best_metrics)
+        self.checkpoints.save_best(global_step, self.full_params(params), best_metrics)
 
 
 def fetch_and_check(
@@ -528,6 +632,10 @@ def train_and_evaluate(
         factory.count_parameters(params["clip"]),
     )
 
+    if config.train.get("freeze_towers", False):
+        trainer.freeze_towers(params[TOWER_MODULE])
+        params = trainer.head_params(params)
+
     # Find where to continue, then run the remaining stages.
     stage_index, stage_step, loader_state = _resume_point(trainer, stages)
     latest = trainer.checkpoints.latest_step()
@@ -544,7 +652,9 @@ def train_and_evaluate(
     trainer.checkpoints.wait_until_finished()
 
     # Evaluate the best validation checkpoint on every reported split.
-    best_step, best_params, best_info = trainer.checkpoints.restore_best(params)
+    best_step, best_params, best_info = trainer.checkpoints.restore_best(
+        trainer.full_params(params)
+    )
     logging.info(
         "Best checkpoint: global step %d (%s macro-F1 %.4f)",
         best_step,
@@ -564,6 +674,12 @@ def train_and_evaluate(
             for stage in stages
         ],
         "seed": config.seed,
+        "freeze_towers": trainer.frozen is not None,
+        "embedding_cache": (
+            {}
+            if trainer.frozen is None
+            else {s: e.summary() for s, e in trainer.frozen.entries.items()}
+        ),
         "data": {
             "source": trainer.source,
             "data_dir": str(trainer.data_dir),
