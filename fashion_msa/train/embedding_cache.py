@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from fashion_msa.clip.tokenizer import CLIPTextTokenizer
 from fashion_msa.data import builder, pipeline
-from fashion_msa.model.msa import FashionMSA
+from fashion_msa.model.msa import TOWER_MODULE, FashionMSA
 from fashion_msa.train import padding, sharding
 
 CACHE_DIR = "embedding_cache"
@@ -238,6 +238,28 @@ class EmbeddingBatcher:
         return batch
 
 
+def jit_encode(model: FashionMSA, mesh: Mesh) -> Any:
+    """Jit `(tower_params, batch) -> tower outputs` on the mesh.
+
+    The outputs are the embedding keys plus the batch's "label", "has_pseudo"
+    and "valid", replicated so that every process receives every row.
+    """
+    replicated = sharding.replicated_sharding(mesh)
+
+    def encode(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        outputs = model.apply(
+            {"params": {TOWER_MODULE: params}}, batch, method=FashionMSA.encode
+        )
+        outputs.update({k: batch[k] for k in (*ROW_KEYS, "valid")})
+        return outputs
+
+    return jax.jit(
+        encode,
+        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        out_shardings=replicated,
+    )
+
+
 def compute_embeddings(
     model: FashionMSA,
     tower_params: Any,
@@ -271,20 +293,7 @@ def compute_embeddings(
         tokenizer=tokenizer,
         worker_count=num_workers,
     )
-    replicated = sharding.replicated_sharding(mesh)
-
-    def encode(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        outputs = model.apply(
-            {"params": {"clip": params}}, batch, method=FashionMSA.encode
-        )
-        outputs.update({k: batch[k] for k in (*ROW_KEYS, "valid")})
-        return outputs
-
-    encode = jax.jit(
-        encode,
-        in_shardings=(replicated, sharding.batch_sharding(mesh)),
-        out_shardings=replicated,
-    )
+    encode = jit_encode(model, mesh)
     chunks = []
     num_batches = pipeline.eval_num_batches(len(split_source), batch_size)
     for batch in tqdm(
