@@ -78,6 +78,9 @@ def get_config(ablation: str | None = None) -> ml_collections.ConfigDict:
     # Keep the CLIP towers fixed: encode every post once, cache the embeddings in
     # WORKDIR/embedding_cache, and train only the fusion, adapter and classifier.
     config.train.freeze_towers = False
+    # Folder of those embeddings; "" = WORKDIR/embedding_cache. Runs of a sweep can
+    # share one: files are named by a digest of towers, tokenizer and data.
+    config.train.embedding_cache_dir = ""
 
     # Learning rate.
     config.train.tower_learning_rate = 1e-5  # peak rate of the CLIP towers

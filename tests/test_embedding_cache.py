@@ -248,9 +248,7 @@ def test_key_follows_the_checkpoint(model, data_dir, tokenizer, tmp_path):
     assert keys["a"].towers != keys["b"].towers
 
 
-def test_load_or_compute_hits_then_replaces(
-    model, params, data_dir, tokenizer, tmp_path
-):
+def test_load_or_compute_hits_then_adds(model, params, data_dir, tokenizer, tmp_path):
     table = _embed(model, params, data_dir, tokenizer)
     calls = []
 
@@ -270,9 +268,11 @@ def test_load_or_compute_hits_then_replaces(
     other = _key(model, other_params, data_dir, tokenizer)
     third = embedding_cache.load_or_compute(tmp_path, other, compute)
     assert (third.hit, len(calls)) == (False, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [other.file_name, other.file_name.replace(".npz", ".json")]
-    )
+    names = {key.file_name, other.file_name}
+    assert {p.name for p in tmp_path.glob("*.npz")} == names
+    assert not list(tmp_path.glob("*.partial"))
+    fourth = embedding_cache.load_or_compute(tmp_path, key, compute)
+    assert (fourth.hit, len(calls)) == (True, 2)
 
 
 # Whole runs.
@@ -306,23 +306,35 @@ def test_rerun_loads_the_cache(frozen_run, data_dir):
     assert again["metrics"] == results["metrics"]
 
 
-def test_other_towers_replace_the_cache(frozen_run, data_dir, tmp_path):
+def test_sweep_shares_a_cache_and_other_towers_add_files(
+    frozen_run, data_dir, tmp_path
+):
     workdir, results = frozen_run
-    shutil.copytree(workdir / "embedding_cache", tmp_path / "embedding_cache")
-    config = _config(
-        data_dir, **{"train.freeze_towers": True, "train.pretrain_epochs": 0}
-    )
-    config.seed = 1  # other random towers
-    again = trainer.train_and_evaluate(config, tmp_path)
-    assert not any(entry["hit"] for entry in again["embedding_cache"].values())
-    old_names = {
-        pathlib.Path(e["path"]).name for e in results["embedding_cache"].values()
+    shared = tmp_path / "shared_cache"
+    shutil.copytree(workdir / "embedding_cache", shared)
+    old_names = {p.name for p in shared.glob("*.npz")}
+    overrides = {
+        "train.freeze_towers": True,
+        "train.embedding_cache_dir": str(shared),
+        "train.pretrain_epochs": 0,
     }
+
+    # Another head learning rate in another workdir: the same towers and data.
+    config = _config(data_dir, **overrides, **{"train.head_learning_rate": 3e-3})
+    swept = trainer.train_and_evaluate(config, tmp_path / "lr_3e-3")
+    assert all(entry["hit"] for entry in swept["embedding_cache"].values())
+    assert not (tmp_path / "lr_3e-3" / "embedding_cache").exists()
+
+    # Other random towers: every split is encoded again, next to the old files.
+    config = _config(data_dir, **overrides)
+    config.seed = 1
+    other = trainer.train_and_evaluate(config, tmp_path / "seed_1")
+    assert not any(entry["hit"] for entry in other["embedding_cache"].values())
     new_names = {
-        pathlib.Path(e["path"]).name for e in again["embedding_cache"].values()
+        pathlib.Path(e["path"]).name for e in other["embedding_cache"].values()
     }
-    assert not old_names & new_names
-    assert {p.name for p in (tmp_path / "embedding_cache").glob("*.npz")} == new_names
+    assert len(new_names) == 3 and not old_names & new_names
+    assert {p.name for p in shared.glob("*.npz")} == old_names | new_names
 
 
 def test_frozen_run_equals_full_run_with_fixed_towers(frozen_run, data_dir, tmp_path):

@@ -8,23 +8,28 @@ adapter and the classifier on those embeddings. A step then costs a few small
 matrix products instead of two transformer passes, which is what makes
 learning-rate sweeps take minutes.
 
-The tables live in WORKDIR/embedding_cache as one `.npz` file per split, named
-by a key over everything the embeddings depend on:
+The tables live in `config.train.embedding_cache_dir` (by default
+WORKDIR/embedding_cache) as one `.npz` file per split and key, next to a JSON
+file with the key's parts. The key covers everything the embeddings depend on:
 
   the tower parameters (a digest of every array, so a checkpoint or an
   initialisation seed), the CLIP config, the tower compute dtype, the
   tokenizer, the encoded modalities, and the split's stored records.
 
 A run whose key matches an existing file loads it; anything else computes the
-table again and replaces the split's older files. Batches of the cached path
-come from the same grain batch sources as the image path (`TrainBatches`,
-`EvalBatches`), so a frozen run visits the posts in the same order and draws
-the same dropout masks as a run whose tower learning rate is zero.
+table and adds a file. Runs of a sweep can therefore share one cache folder,
+and runs with different towers or data never read each other's tables.
+
+Batches of the cached path come from the same grain batch sources as the
+image path (`TrainBatches`, `EvalBatches`), so a frozen run visits the posts
+in the same order and draws the same dropout masks as a run whose tower
+learning rate is zero.
 """
 
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -189,7 +194,8 @@ class EmbeddingTable:
 
     def save(self, path: pathlib.Path) -> None:
         """Write the arrays to `path` (.npz) atomically."""
-        partial = path.with_name(path.name + ".partial")
+        # A name of its own, so that runs sharing the folder never mix writes.
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         with open(partial, "wb") as f:
             np.savez(f, **self.arrays)
         partial.replace(path)
@@ -357,8 +363,7 @@ def load_or_compute(
 ) -> CacheEntry:
     """Load the table named by `key` from `cache_dir`, or call `compute()` and save it.
 
-    A new table replaces the files of the same split with other keys. `write`
-    False (processes other than 0) computes without writing.
+    `write` False (processes other than 0) computes without writing.
     """
     start = time.perf_counter()
     path = cache_dir / key.file_name
@@ -373,10 +378,6 @@ def load_or_compute(
     table = compute()
     if write:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cache_dir.glob(f"{key.split}-*.npz"):
-            logging.info("Removing %s, cached under another key", stale)
-            stale.unlink()
-            stale.with_suffix(".json").unlink(missing_ok=True)
         table.save(path)
         path.with_suffix(".json").write_text(
             json.dumps(key.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -19,6 +19,7 @@ Files written into the workdir (by process 0):
   data/                           the built dataset (unless config.data.data_dir)
   checkpoints/, best/             orbax checkpoints (see checkpointing.py)
   embedding_cache/                tower outputs per split, with freeze_towers
+                                  (unless config.train.embedding_cache_dir)
   metrics.jsonl, tensorboard/     training and validation metrics
   learning_curves.png, confusion_matrix_{split}.png
   results.json                    final metrics per split and run facts
@@ -230,7 +231,10 @@ class Trainer:
         """Keep the towers fixed: load or compute the embeddings of every used split."""
         logging.info("Freezing the CLIP towers; hashing their parameters")
         towers_digest = embedding_cache.tree_digest(tower_params)
-        cache_dir = self.workdir / embedding_cache.CACHE_DIR
+        cache_dir = pathlib.Path(
+            self.config.train.get("embedding_cache_dir")
+            or self.workdir / embedding_cache.CACHE_DIR
+        )
         entries = {}
         for split in self.used_splits():
             split_source = run_data.open_split(self.data_dir, self.source, split)
