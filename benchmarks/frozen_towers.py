@@ -78,7 +78,7 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON file for the results; '' = non
 
 
 def random_table(model: FashionMSA, num_posts: int, seed: int) -> Any:
-    """An EmbeddingTable of unit-norm random embeddings and random labels."""
+    """Return an EmbeddingTable of unit-norm random embeddings and random labels."""
     rng = np.random.default_rng(seed)
     d = model.clip_config.projection_dim
     arrays = {}

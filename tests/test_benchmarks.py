@@ -198,6 +198,47 @@ def test_input_pipeline_records(step_json, tmp_path):
     assert result["builds"]["synthetic"]["built_now"]
 
 
+def test_frozen_towers_records(tmp_path):
+    output = tmp_path / "frozen_towers.json"
+    _run_benchmark(
+        "benchmarks.frozen_towers",
+        "--preset=tiny",
+        "--batch_size=4",
+        "--num_posts=40",
+        "--trainable_steps=2",
+        "--encode_batches=2",
+        "--frozen_epochs=2",
+        "--run_epochs=1,5",
+        f"--output={output}",
+    )
+    result = json.loads(output.read_text())
+    assert result["steps_per_epoch"] == 10
+    trainable, frozen = result["trainable"], result["frozen"]
+    assert trainable["epoch_time_s_estimate"] == pytest.approx(
+        trainable["step_time_s"]["median"] * 10
+    )
+    assert frozen["epoch_time_s"]["n"] == 2
+    assert np.isfinite(frozen["final_loss"])
+    assert result["encoding"]["train_split_s"] == pytest.approx(
+        40 / result["encoding"]["posts_per_s"]
+    )
+    speedup = result["speedup"]
+    assert speedup["per_epoch"] == pytest.approx(
+        trainable["epoch_time_s_estimate"] / frozen["epoch_time_s"]["median"]
+    )
+    assert set(speedup) == {
+        "per_epoch",
+        "run_of_1_epochs_with_encoding",
+        "run_of_5_epochs_with_encoding",
+    }
+    # Charging the encoding once favours longer runs.
+    assert (
+        speedup["run_of_1_epochs_with_encoding"]
+        < speedup["run_of_5_epochs_with_encoding"]
+        < speedup["per_epoch"]
+    )
+
+
 def _small_batch(seed: int = 0, batch_size: int = 4) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     batch = batch_lib.random_batch(

@@ -109,7 +109,8 @@ def test_frozen_path_outputs_equal_full_model_outputs(
     assert len(table) == len(split_source)
     labels = [int(split_source[i]["label"]) for i in range(len(split_source))]
     np.testing.assert_array_equal(table.arrays["label"], labels)
-    assert table.arrays["has_pseudo"].any() and not table.arrays["has_pseudo"].all()
+    assert table.arrays["has_pseudo"].any()
+    assert not table.arrays["has_pseudo"].all()
 
     full_loader = pipeline.make_eval_loader(
         split_source,

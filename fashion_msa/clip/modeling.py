@@ -11,7 +11,7 @@ Differences from the PyTorch model:
 - There is no dropout. CLIP checkpoints set `attention_dropout` to 0.
 - Position embeddings are not interpolated, so images must be `image_size` square.
 - With a compute dtype below float32 (bfloat16), every matmul accumulates in
-  float32 and the attention softmax runs in float32, like `torch.autocast`.
+  float32, and the attention softmax runs in float32.
 - `scan_layers=True` stores the encoder layers stacked under `encoder/layers` with a
   leading layer axis. `stack_layer_params` and `unstack_layer_params` convert
   between the two layouts.

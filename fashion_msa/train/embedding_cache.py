@@ -21,9 +21,9 @@ table and adds a file. Runs of a sweep can therefore share one cache folder,
 and runs with different towers or data never read each other's tables.
 
 Batches of the cached path come from the same grain batch sources as the
-image path (`TrainBatches`, `EvalBatches`), so a frozen run visits the posts
-in the same order and draws the same dropout masks as a run whose tower
-learning rate is zero.
+image path (`TrainBatches`, `EvalBatches`). A frozen run therefore visits the
+posts in the same order as a run whose tower learning rate is zero, and draws
+the same dropout masks.
 """
 
 import dataclasses

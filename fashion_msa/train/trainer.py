@@ -10,8 +10,8 @@ is the run key folded with the global step.
 With `config.train.freeze_towers`, the CLIP towers stay at their initial
 parameters: every post is encoded once (see embedding_cache.py) and the stages
 train only the fusion networks, the adapter and the classifier on the cached
-embeddings. The state checkpoints then hold only those parameters; the best
-checkpoints hold the whole model, so evaluate.py and predict.py read them as
+embeddings. The state checkpoints then contain only those parameters. The best
+checkpoints contain the whole model, so evaluate.py and predict.py read them as
 they read any other run's.
 
 Files written into the workdir (by process 0):
