@@ -271,14 +271,12 @@ def main(argv: Sequence[str]) -> None:
             ["path", "compile s", "s / batch", "s / epoch", "posts / s"], rows
         )
     )
-    print(
-        "speed-up per epoch: {:.0f}x; ".format(speedups["per_epoch"])
-        + "; ".join(
-            f"{k.removeprefix('run_of_').replace('_', ' ')}: {v:.1f}x"
-            for k, v in speedups.items()
-            if k != "per_epoch"
-        )
-    )
+    runs = [
+        f"{epochs}-epoch run with encoding {speedups[key]:.1f}x"
+        for epochs in (int(e) for e in _RUN_EPOCHS.value)
+        if (key := f"run_of_{epochs}_epochs_with_encoding") in speedups
+    ]
+    print(f"Speed-up: per epoch {speedups['per_epoch']:.0f}x; " + "; ".join(runs))
     if _OUTPUT.value:
         common.write_json(_OUTPUT.value, results)
         print(f"Results written to {_OUTPUT.value}")

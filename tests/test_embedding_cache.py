@@ -97,7 +97,7 @@ def _embed(model, params, data_dir, tokenizer, split="val", **kwargs):
 
 def _key(model, params, data_dir, tokenizer, split="val"):
     return embedding_cache.cache_key(
-        model, params["clip"], tokenizer, data_dir, "synthetic", split
+        model, params["clip"], tokenizer, _split(data_dir, split), split
     )
 
 
@@ -210,6 +210,18 @@ def test_key_changes_with_data(model, params, data_dir, tokenizer, tmp_path):
     assert (
         _key(model, params, other, tokenizer).records
         != _key(model, params, data_dir, tokenizer).records
+    )
+
+
+def test_key_same_for_rebuilt_dataset(model, params, data_dir, tokenizer, tmp_path):
+    # Every run with the default data_dir builds its own copy of the same posts.
+    # The array_record files of two builds differ in some bytes.
+    rebuilt = tmp_path / "rebuilt"
+    builder.build_dataset(
+        "synthetic", data_dir.parent / "posts", rebuilt, num_posts=NUM_POSTS, seed=0
+    )
+    assert _key(model, params, rebuilt, tokenizer) == _key(
+        model, params, data_dir, tokenizer
     )
 
 
@@ -406,3 +418,25 @@ def test_frozen_state_checkpoint_holds_only_the_heads(frozen_run):
     params = state["params"] if isinstance(state, dict) else state.params
     assert "clip" not in params
     assert {"image_fusion", "adapter", "classifier"} <= set(params)
+
+
+def test_cache_dir_that_is_a_file_rejected(data_dir, tmp_path):
+    not_a_folder = tmp_path / "cache.txt"
+    not_a_folder.write_text("")
+    config = _config(
+        data_dir,
+        **{
+            "train.freeze_towers": True,
+            "train.embedding_cache_dir": str(not_a_folder),
+        },
+    )
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        trainer.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_switching_freeze_towers_on_a_workdir_rejected(frozen_run, data_dir):
+    workdir, _ = frozen_run
+    saved_config = (workdir / "config.json").read_text()
+    with pytest.raises(ValueError, match="freeze_towers=True"):
+        trainer.train_and_evaluate(_config(data_dir), workdir)
+    assert (workdir / "config.json").read_text() == saved_config

@@ -14,7 +14,7 @@ file with the key's parts. The key covers everything the embeddings depend on:
 
   the tower parameters (a digest of every array, so a checkpoint or an
   initialisation seed), the CLIP config, the tower compute dtype, the
-  tokenizer, the encoded modalities, and the split's stored records.
+  tokenizer, the encoded modalities, and the split's decoded records.
 
 A run whose key matches an existing file loads it; anything else computes the
 table and adds a file. Runs of a sweep can therefore share one cache folder,
@@ -44,7 +44,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fashion_msa.clip.tokenizer import CLIPTextTokenizer
-from fashion_msa.data import builder, pipeline
+from fashion_msa.data import pipeline
 from fashion_msa.model.msa import TOWER_MODULE, FashionMSA
 from fashion_msa.train import padding, sharding
 
@@ -66,23 +66,46 @@ def tree_digest(tree: Any) -> str:
     return digest.hexdigest()
 
 
-def split_files(data_dir: str | pathlib.Path, source: str, split: str) -> list[str]:
-    """Record files of one built split, sorted."""
-    folder = builder.dataset_dir(data_dir, source)
-    files = sorted(folder.glob(f"*-{split}.array_record-*"))
-    if not files:
-        raise FileNotFoundError(f"no record files of split {split!r} in {folder}")
-    return [str(path) for path in files]
+def _hash_value(digest: Any, value: Any) -> None:
+    """Feed one decoded record field into `digest`, tagged by type and length."""
+    if isinstance(value, Mapping):
+        digest.update(b"{%d" % len(value))
+        for key in sorted(value):
+            digest.update(key.encode() + b"\0")
+            _hash_value(digest, value[key])
+    elif isinstance(value, str):
+        data = value.encode()
+        digest.update(b"s%d:" % len(data) + data)
+    elif isinstance(value, bytes | bytearray):
+        digest.update(b"b%d:" % len(value) + bytes(value))
+    else:
+        array = np.asarray(value)
+        if array.dtype == object:
+            digest.update(b"o%d:" % array.size)
+            for item in array.ravel():
+                _hash_value(digest, item)
+        else:
+            digest.update(f"a{array.dtype.str}{array.shape}:".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
 
 
-def file_digest(paths: Sequence[str]) -> str:
-    """SHA-256 over the names and contents of `paths`."""
+def records_digest(split_source: pipeline.RecordSource, chunk_size: int = 256) -> str:
+    """SHA-256 over every decoded record of a split, in stored order.
+
+    The decoded fields, not the files, because two builds of the same posts
+    store equal records in array_record files that differ in some bytes.
+    """
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(pathlib.Path(path).name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+    size = len(split_source)
+    digest.update(b"n%d" % size)
+    for start in range(0, size, chunk_size):
+        indices = range(start, min(start + chunk_size, size))
+        if hasattr(split_source, "__getitems__"):
+            records = split_source.__getitems__(list(indices))
+        else:
+            records = [split_source[i] for i in indices]
+        for record in records:
+            _hash_value(digest, record)
     return digest.hexdigest()
 
 
@@ -112,7 +135,7 @@ class CacheKey:
       tokenizer: `tokenizer_digest` of the tokenizer.
       embedding_keys: the cached tower outputs (`FashionMSA.embedding_keys`).
       split: the split's name.
-      records: `file_digest` of the split's record files.
+      records: `records_digest` of the split.
     """
 
     towers: str
@@ -143,8 +166,7 @@ def cache_key(
     model: FashionMSA,
     tower_params: Any,
     tokenizer: CLIPTextTokenizer,
-    data_dir: str | pathlib.Path,
-    source: str,
+    split_source: pipeline.RecordSource,
     split: str,
     *,
     towers_digest: str | None = None,
@@ -161,7 +183,7 @@ def cache_key(
         tokenizer=tokenizer_digest(tokenizer),
         embedding_keys=model.embedding_keys,
         split=split,
-        records=file_digest(split_files(data_dir, source, split)),
+        records=records_digest(split_source),
     )
 
 

@@ -228,13 +228,26 @@ class Trainer:
         return list(dict.fromkeys(s for s in splits if s))
 
     def freeze_towers(self, tower_params: Any) -> None:
-        """Keep the towers fixed: load or compute the embeddings of every used split."""
-        logging.info("Freezing the CLIP towers; hashing their parameters")
-        towers_digest = embedding_cache.tree_digest(tower_params)
+        """Keep the towers fixed: load or compute the embeddings of every used split.
+
+        Raises:
+          NotADirectoryError: `config.train.embedding_cache_dir` is a file.
+        """
         cache_dir = pathlib.Path(
             self.config.train.get("embedding_cache_dir")
             or self.workdir / embedding_cache.CACHE_DIR
+        ).expanduser()
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise NotADirectoryError(
+                f"config.train.embedding_cache_dir {cache_dir} is a file; pass a "
+                "folder (it is created if missing), or '' for WORKDIR/embedding_cache"
+            )
+        logging.info(
+            "Freezing the CLIP towers: config.train.tower_learning_rate (%g) is "
+            "unused. Hashing the tower parameters.",
+            self.config.train.tower_learning_rate,
         )
+        towers_digest = embedding_cache.tree_digest(tower_params)
         entries = {}
         for split in self.used_splits():
             split_source = run_data.open_split(self.data_dir, self.source, split)
@@ -242,8 +255,7 @@ class Trainer:
                 self.model,
                 tower_params,
                 self.tokenizer,
-                self.data_dir,
-                self.source,
+                split_source,
                 split,
                 towers_digest=towers_digest,
             )
@@ -557,11 +569,27 @@ def evaluate_loader(
 
 
 def _save_run_config(trainer: Trainer) -> None:
-    """Write config.json and clip_config.json; warn if a resumed run changed config."""
+    """Write config.json and clip_config.json; warn if a resumed run changed config.
+
+    Raises:
+      ValueError: the workdir has checkpoints of a run with the other
+        `freeze_towers` setting, whose train state has another structure.
+    """
     config_path = trainer.workdir / CONFIG_FILE
     current = json.loads(trainer.config.to_json_best_effort())
     if config_path.is_file():
         saved = json.loads(config_path.read_text())
+        frozen_before = bool(saved.get("train", {}).get("freeze_towers", False))
+        frozen_now = bool(current["train"].get("freeze_towers", False))
+        resuming = trainer.checkpoints.latest_step() is not None
+        if frozen_before != frozen_now and resuming:
+            raise ValueError(
+                f"{trainer.workdir} has checkpoints of a run with "
+                f"config.train.freeze_towers={frozen_before}, and this run sets "
+                f"{frozen_now}. A frozen run's checkpoints contain only the heads' "
+                "train state, so neither kind of run can resume the other. Use a "
+                "new --workdir or the same setting."
+            )
         if saved != current:
             logging.warning(
                 "The config differs from the one saved in %s; a resumed run is "
