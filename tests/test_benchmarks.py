@@ -211,6 +211,7 @@ def test_frozen_towers_records(tmp_path):
         "--run_epochs=1,5",
         f"--output={output}",
     )
+
     result = json.loads(output.read_text())
     assert result["steps_per_epoch"] == 10
     trainable, frozen = result["trainable"], result["frozen"]
@@ -222,6 +223,7 @@ def test_frozen_towers_records(tmp_path):
     assert result["encoding"]["train_split_s"] == pytest.approx(
         40 / result["encoding"]["posts_per_s"]
     )
+
     speedup = result["speedup"]
     assert speedup["per_epoch"] == pytest.approx(
         trainable["epoch_time_s_estimate"] / frozen["epoch_time_s"]["median"]

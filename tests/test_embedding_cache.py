@@ -101,9 +101,7 @@ def _key(model, params, data_dir, tokenizer, split="val"):
     )
 
 
-def test_frozen_path_outputs_equal_full_model_outputs(
-    model, params, data_dir, tokenizer
-):
+def test_cached_outputs_equal_full_model(model, params, data_dir, tokenizer):
     table = _embed(model, params, data_dir, tokenizer)
     split_source = _split(data_dir, "val")
     assert len(table) == len(split_source)
@@ -136,7 +134,7 @@ def test_frozen_path_outputs_equal_full_model_outputs(
     assert batches == pipeline.eval_num_batches(len(split_source), 16)
 
 
-def test_trimmed_text_gives_the_same_embeddings(model, params, data_dir, tokenizer):
+def test_trimmed_text_same_embeddings(model, params, data_dir, tokenizer):
     full = _embed(model, params, data_dir, tokenizer)
     trimmed = _embed(
         model, params, data_dir, tokenizer, text_length_buckets=(8, 16, 32, 77)
@@ -147,7 +145,7 @@ def test_trimmed_text_gives_the_same_embeddings(model, params, data_dir, tokeniz
         )
 
 
-def test_frozen_path_dropout_matches_full_model(model, params, data_dir, tokenizer):
+def test_cached_dropout_matches_full_model(model, params, data_dir, tokenizer):
     table = _embed(model, params, data_dir, tokenizer)
     cached_batch = next(iter(embedding_cache.eval_loader(table, model, batch_size=16)))
     full_batch = next(
@@ -176,7 +174,7 @@ def test_frozen_path_dropout_matches_full_model(model, params, data_dir, tokeniz
     assert not np.allclose(cached["logits"][valid], eval_logits[valid], atol=1e-3)
 
 
-def test_batch_with_some_embeddings_is_rejected(model, params):
+def test_partial_embeddings_rejected(model, params):
     batch = {
         "text_embeds": jnp.zeros((2, 64)),
         "has_pseudo": jnp.ones(2, bool),
@@ -197,7 +195,7 @@ def test_table_round_trip(model, params, data_dir, tokenizer, tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_key_is_stable_and_ignores_tokenizer_use(model, params, data_dir, tokenizer):
+def test_key_ignores_tokenizer_use(model, params, data_dir, tokenizer):
     first = _key(model, params, data_dir, tokenizer)
     tokenizer(["a tokenizer call changes its backend's padding settings"])
     assert _key(model, params, data_dir, tokenizer) == first
@@ -213,7 +211,7 @@ def test_key_changes_with_data(model, params, data_dir, tokenizer, tmp_path):
     )
 
 
-def test_key_same_for_rebuilt_dataset(model, params, data_dir, tokenizer, tmp_path):
+def test_key_same_after_rebuild(model, params, data_dir, tokenizer, tmp_path):
     # Every run with the default data_dir builds its own copy of the same posts.
     # The array_record files of two builds differ in some bytes.
     rebuilt = tmp_path / "rebuilt"
@@ -298,7 +296,7 @@ def frozen_run(data_dir, tmp_path_factory):
     return workdir, trainer.train_and_evaluate(config, workdir)
 
 
-def test_first_frozen_run_encodes_every_split(frozen_run):
+def test_first_run_encodes_every_split(frozen_run):
     workdir, results = frozen_run
     assert results["freeze_towers"] is True
     cache = results["embedding_cache"]
@@ -319,9 +317,7 @@ def test_rerun_loads_the_cache(frozen_run, data_dir):
     assert again["metrics"] == results["metrics"]
 
 
-def test_sweep_shares_a_cache_and_other_towers_add_files(
-    frozen_run, data_dir, tmp_path
-):
+def test_sweep_shares_cache(frozen_run, data_dir, tmp_path):
     workdir, results = frozen_run
     shared = tmp_path / "shared_cache"
     shutil.copytree(workdir / "embedding_cache", shared)
@@ -350,7 +346,7 @@ def test_sweep_shares_a_cache_and_other_towers_add_files(
     assert {p.name for p in shared.glob("*.npz")} == old_names | new_names
 
 
-def test_frozen_run_equals_full_run_with_fixed_towers(frozen_run, data_dir, tmp_path):
+def test_frozen_run_equals_zero_tower_rate(frozen_run, data_dir, tmp_path):
     frozen_dir, frozen = frozen_run
     full = trainer.train_and_evaluate(
         _config(data_dir, **{"train.tower_learning_rate": 0.0}), tmp_path
@@ -399,7 +395,7 @@ def test_frozen_run_equals_full_run_with_fixed_towers(frozen_run, data_dir, tmp_
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_evaluate_reads_a_frozen_run_like_any_other(frozen_run):
+def test_evaluate_reads_frozen_run(frozen_run):
     workdir, results = frozen_run
     trained = inference.load_trained(workdir)
     assert trained.best_step == results["best_checkpoint"]["global_step"]
@@ -408,7 +404,7 @@ def test_evaluate_reads_a_frozen_run_like_any_other(frozen_run):
     assert test["loss"] == pytest.approx(results["metrics"]["test"]["loss"], abs=1e-5)
 
 
-def test_frozen_state_checkpoint_holds_only_the_heads(frozen_run):
+def test_frozen_state_has_only_heads(frozen_run):
     workdir, _ = frozen_run
     checkpoints = RunCheckpoints(workdir, read_only=True)
     try:
@@ -434,7 +430,7 @@ def test_cache_dir_that_is_a_file_rejected(data_dir, tmp_path):
         trainer.train_and_evaluate(config, tmp_path / "run")
 
 
-def test_switching_freeze_towers_on_a_workdir_rejected(frozen_run, data_dir):
+def test_freeze_switch_on_workdir_rejected(frozen_run, data_dir):
     workdir, _ = frozen_run
     saved_config = (workdir / "config.json").read_text()
     with pytest.raises(ValueError, match="freeze_towers=True"):

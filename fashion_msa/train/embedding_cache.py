@@ -126,7 +126,7 @@ def tokenizer_digest(tokenizer: CLIPTextTokenizer) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CacheKey:
-    """What the embeddings of one split depend on; `digest` names the cache file.
+    """The inputs of one split's embeddings; `digest` names the cache file.
 
     Attributes:
       towers: `tree_digest` of the tower parameters.

@@ -219,7 +219,7 @@ class Trainer:
     # Frozen towers.
 
     def used_splits(self) -> list[str]:
-        """The splits the run trains on, selects on and reports, without repeats."""
+        """Return the splits the run trains on, selects on and reports, once each."""
         splits = [
             "train",
             self.config.data.selection_split,
