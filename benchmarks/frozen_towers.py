@@ -1,7 +1,7 @@
 r"""Fine-tuning epoch time with frozen, cached CLIP towers against trainable towers.
 
 Three measurements in one process, at a CLIP preset's shapes with random
-weights and the paper's heads:
+weights and the heads of configs/paper.py:
 
   trainable   the fine-tuning step of `fashion_msa.train.steps` on random
               batches of the input pipeline's shapes, text trimmed to length

@@ -273,7 +273,8 @@ def test_load_or_compute_hits_then_adds(model, params, data_dir, tokenizer, tmp_
     assert (first.hit, second.hit, len(calls)) == (False, True, 1)
     assert second.path == first.path
     saved = json.loads(first.path.with_suffix(".json").read_text())
-    assert saved["towers"] == key.towers and saved["records"] == key.records
+    assert saved["towers"] == key.towers
+    assert saved["records"] == key.records
 
     other_params = init_params(model, jax.random.key(3))
     other = _key(model, other_params, data_dir, tokenizer)
@@ -342,7 +343,8 @@ def test_sweep_shares_cache(frozen_run, data_dir, tmp_path):
     new_names = {
         pathlib.Path(e["path"]).name for e in other["embedding_cache"].values()
     }
-    assert len(new_names) == 3 and not old_names & new_names
+    assert len(new_names) == 3
+    assert not old_names & new_names
     assert {p.name for p in shared.glob("*.npz")} == old_names | new_names
 
 
@@ -351,7 +353,8 @@ def test_frozen_run_equals_zero_tower_rate(frozen_run, data_dir, tmp_path):
     full = trainer.train_and_evaluate(
         _config(data_dir, **{"train.tower_learning_rate": 0.0}), tmp_path
     )
-    assert full["freeze_towers"] is False and full["embedding_cache"] == {}
+    assert full["freeze_towers"] is False
+    assert full["embedding_cache"] == {}
     assert full["best_checkpoint"] == frozen["best_checkpoint"]
     for split in ("val", "test"):
         assert (

@@ -134,7 +134,8 @@ class BatchPreprocessor:
         return preprocess_image(data, self.image_size, max_pixels=self.max_pixels)
 
 
-def _read(source: RecordSource, indices: Sequence[int]) -> list[dict[str, Any]]:
+def read_records(source: RecordSource, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """Read the records at `indices`, in one call when the source supports it."""
     indices = [int(index) for index in indices]
     if hasattr(source, "__getitems__"):
         return list(source.__getitems__(indices))
@@ -210,7 +211,7 @@ class TrainBatches:
         return self.permutation(epoch)[start : start + self._batch_size]
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-        return self._preprocessor(_read(self._source, self.record_indices(step)))
+        return self._preprocessor(read_records(self._source, self.record_indices(step)))
 
 
 class EvalBatches:
@@ -257,7 +258,7 @@ class EvalBatches:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         indices = self.record_indices(index)
-        real = _read(self._source, indices[indices >= 0])
+        real = read_records(self._source, indices[indices >= 0])
         return self._preprocessor(real + [None] * int(np.sum(indices < 0)))
 
 

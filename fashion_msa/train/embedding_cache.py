@@ -55,7 +55,7 @@ ROW_KEYS = ("label", "has_pseudo")
 
 
 def tree_digest(tree: Any) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes."""
+    """Return the SHA-256 over every leaf's path, dtype, shape and bytes."""
     digest = hashlib.sha256()
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in leaves:
@@ -90,27 +90,23 @@ def _hash_value(digest: Any, value: Any) -> None:
 
 
 def records_digest(split_source: pipeline.RecordSource, chunk_size: int = 256) -> str:
-    """SHA-256 over every decoded record of a split, in stored order.
+    """Return the SHA-256 over every decoded record of a split, in stored order.
 
-    The decoded fields, not the files, because two builds of the same posts
-    store equal records in array_record files that differ in some bytes.
+    It reads the decoded fields, not the files, because two builds of the same
+    posts store equal records in array_record files that differ in some bytes.
     """
     digest = hashlib.sha256()
     size = len(split_source)
     digest.update(b"n%d" % size)
     for start in range(0, size, chunk_size):
         indices = range(start, min(start + chunk_size, size))
-        if hasattr(split_source, "__getitems__"):
-            records = split_source.__getitems__(list(indices))
-        else:
-            records = [split_source[i] for i in indices]
-        for record in records:
+        for record in pipeline.read_records(split_source, indices):
             _hash_value(digest, record)
     return digest.hexdigest()
 
 
 def tokenizer_digest(tokenizer: CLIPTextTokenizer) -> str:
-    """SHA-256 of the tokenizer's vocabulary, merges, rules and output length.
+    """Return the SHA-256 of the tokenizer's vocabulary, merges, rules and length.
 
     The backend's truncation and padding settings are left out: transformers
     changes them on the first call, and `CLIPTextTokenizer` sets its own.
@@ -345,8 +341,8 @@ def compute_embeddings(
     arrays["has_pseudo"] = arrays["has_pseudo"].astype(bool)
     if len(arrays["label"]) != len(split_source):
         raise RuntimeError(
-            f"{description}: encoded {len(arrays['label'])} posts of a split of "
-            f"{len(split_source)}"
+            f"{description}: encoded {len(arrays['label'])} posts, but the split "
+            f"has {len(split_source)}"
         )
     return EmbeddingTable(arrays)
 
@@ -416,7 +412,7 @@ def load_or_compute(
 
 
 def batcher(model: FashionMSA) -> EmbeddingBatcher:
-    """The batcher of the model's cached tower outputs."""
+    """Return the batcher of the model's cached tower outputs."""
     return EmbeddingBatcher(
         model.embedding_keys,
         model.clip_config.projection_dim,
@@ -432,7 +428,7 @@ def train_loader(
     seed: int,
     num_epochs: int,
 ) -> grain.DataLoader:
-    """Shuffled training batches of cached embeddings, in the image path's order."""
+    """Return shuffled batches of cached embeddings, in the image path's order."""
     process_index, process_count = jax.process_index(), jax.process_count()
     batches = pipeline.TrainBatches(
         table,
@@ -449,7 +445,7 @@ def train_loader(
 def eval_loader(
     table: EmbeddingTable, model: FashionMSA, *, batch_size: int
 ) -> grain.DataLoader:
-    """Every post's cached embeddings once, the last batch padded with invalid rows."""
+    """Return every post's cached embeddings once, padding the last batch."""
     batches = pipeline.EvalBatches(
         table,
         batcher(model),

@@ -282,13 +282,13 @@ class Trainer:
         self.frozen = FrozenTowers(tower_params, entries)
 
     def head_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """`params` without the towers when they are frozen, else unchanged."""
+        """Return `params` without the towers when they are frozen, else unchanged."""
         if self.frozen is None:
             return dict(params)
         return {k: v for k, v in params.items() if k != TOWER_MODULE}
 
     def full_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """`params` with the frozen towers added back (the layout of checkpoints)."""
+        """Return `params` with the frozen towers added back (the checkpoint layout)."""
         if self.frozen is None:
             return dict(params)
         return {**params, TOWER_MODULE: self.frozen.params}
